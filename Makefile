@@ -1,0 +1,23 @@
+# Two set-up commands, each working on a fresh machine: `make demo` (the main job on the embedded default) and
+# `make test`. Both create the virtualenv on first use. The CPU torch wheel is pinned here, not in setup.cfg.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+OUT ?= out/demo
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(BIN)/magpie-build --config dataset_scripts/demo.yaml --output_dir $(OUT)
+
+test: $(BIN)/.installed
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q tests
+
+.PHONY: install demo test

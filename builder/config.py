@@ -1,0 +1,134 @@
+"""The build config: one dataclass, validated in `__post_init__`, loadable from YAML with command-line overrides.
+
+`magpie-build --config recipe.yaml --num_instructions 64` follows TRL's `TrlParser` conventions: the YAML's keys are
+exactly the field names, the YAML replaces the defaults, the command line replaces the YAML.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import date
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class BuildConfig:
+    # Models
+    generator_model: str | None = _help("The aligned chat model that writes instructions and responses: a Hub id, "
+                                        "a local folder, or `tiny:<name>` for the built-in tiny models.", default=None)
+    generator_revision: str | None = _help("Branch, tag or commit of the generator on the Hub.", default=None)
+    generator_trust_remote_code: bool = _help("Run the generator's own code. Opt-in only.", default=False)
+    reward_model: str | None = _help("The reward model that scores every response: a sequence classifier with one "
+                                     "label, or custom code whose output has `.score` (ArmoRM).", default=None)
+    reward_revision: str | None = _help("Branch, tag or commit of the reward model on the Hub.", default=None)
+    reward_trust_remote_code: bool = _help("Run the reward model's own code (ArmoRM needs it). Opt-in only.",
+                                           default=False)
+    dtype: str = _help("Model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.",
+                       default="auto")
+    device: str = _help("auto (cuda:{rank % n_gpus} when CUDA is there, else cpu), or a torch device.",
+                        default="auto")
+    attn_implementation: str | None = _help("sdpa, flash_attention_2, eager; the library default otherwise.",
+                                            default=None)
+    # Pre-query template
+    pre_query_template: str | None = _help("Override the derived pre-query template: an alias (llama3, qwen2, ...) "
+                                           "or a raw string.", default=None)
+    keep_default_system: bool = _help("Keep a system block the chat template inserts by itself (Llama-3.1's "
+                                      "'Cutting Knowledge Date', Qwen's default prompt). false strips it.",
+                                      default=True)
+    system_prompt: str | None = _help("A custom system prompt for instruction generation (task-specific Magpie).",
+                                      default=None)
+    chat_template_date: str = _help("The date (YYYY-MM-DD) templates see as today, so builds are reproducible.",
+                                    default="2024-07-26")
+    # Instructions
+    num_instructions: int = _help("How many instructions to sample (before filtering).", default=1000)
+    instruction_temperature: float = _help("Sampling temperature of instructions (Magpie: 1.0).", default=1.0)
+    instruction_top_p: float = _help("Top-p of instructions (Magpie: 1.0).", default=1.0)
+    max_instruction_tokens: int = _help("Token cap of an instruction; one that hits it is dropped as truncated.",
+                                        default=512)
+    max_prompt_tokens: int = _help("Drop instructions whose chat prompt is longer (the DPO recipe's 1800).",
+                                   default=1800)
+    # Responses
+    num_responses: int = _help("Responses per instruction (Magpie DPO: 5).", default=5)
+    response_temperature: float = _help("Sampling temperature of responses (Magpie DPO: 0.8).", default=0.8)
+    response_top_p: float = _help("Top-p of responses.", default=1.0)
+    max_response_tokens: int = _help("Token cap of a response; its finish reason is then 'length'.", default=2048)
+    # Rewards and pairs
+    reward_max_length: int | None = _help("Truncate reward inputs to this many tokens; default: the reward model's "
+                                          "maximum.", default=None)
+    min_reward_margin: float = _help("Drop pairs whose chosen - rejected reward is below this.", default=0.0)
+    implicit_prompt: bool = _help("Write Magpie's published form: chosen/rejected are [user, assistant] and there "
+                                  "is no prompt column.", default=False)
+    # Batching and processes
+    generation_batch_size: int = _help("Prompts per generation batch (each with num_responses samples).", default=32)
+    reward_batch_size: int = _help("Sequences per reward-model forward pass.", default=16)
+    num_proc: int = _help("Worker processes for the model stages, one model each (one per GPU).", default=1)
+    # Output
+    test_size: float = _help("Share of pairs in the test split (Magpie DPO: 0.02).", default=0.02)
+    seed: int = _help("Seed of sampling and of the split; the same seed gives the same dataset.", default=42)
+    output_dir: str | None = _help("Folder to write: data/{split}-*.parquet, README.md, build config and summary.",
+                                   default=None)
+    save_to_disk: bool = _help("Also write `DatasetDict.save_to_disk` under output_dir/arrow.", default=False)
+    # Card and Hub
+    pretty_name: str | None = _help("Name shown on the dataset card.", default=None)
+    license: str = _help("Dataset license (the generator's license usually binds it).", default="other")
+    language: list[str] = _help("Languages of the data.", default_factory=lambda: ["en"])
+    source_datasets: list[str] = _help("Datasets the prompts came from, if any.", default_factory=list)
+    push_to_hub: bool = _help("Push the dataset and its card to the Hub after building.", default=False)
+    repo_id: str | None = _help("Hub repo id (user/name) to push to.", default=None)
+    private: bool = _help("Create the Hub repo as private.", default=False)
+    hub_revision: str | None = _help("Branch to push to (created if missing).", default=None)
+    force_push: bool = _help("Push even if the repo holds a dataset with another schema.", default=False)
+
+    def __post_init__(self):
+        def fail(name: str, problem: str, fix: str):
+            raise ValueError(f"`{name}` {problem}. {fix}")
+
+        for name in ("generator_model", "reward_model"):
+            if not getattr(self, name):
+                fail(name, "is not set", "Give a Hub id, a local folder, or tiny:<name> (e.g. tiny:chat-llama-3.1).")
+        for name in ("num_instructions", "max_instruction_tokens", "max_prompt_tokens", "max_response_tokens",
+                     "generation_batch_size", "reward_batch_size", "num_proc"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                fail(name, f"is {getattr(self, name)!r}", "Use a positive integer.")
+        if self.num_responses < 2:
+            fail("num_responses", f"is {self.num_responses}", "Chosen and rejected need at least 2 responses.")
+        for name in ("instruction_temperature", "response_temperature"):
+            if getattr(self, name) < 0:
+                fail(name, f"is {getattr(self, name)}", "Use 0 (greedy) or a positive temperature.")
+        for name in ("instruction_top_p", "response_top_p"):
+            if not 0 < getattr(self, name) <= 1:
+                fail(name, f"is {getattr(self, name)}", "Use a value in (0, 1].")
+        if self.reward_max_length is not None and self.reward_max_length < 2:
+            fail("reward_max_length", f"is {self.reward_max_length}", "Use at least 2, or leave it unset.")
+        if self.min_reward_margin < 0:
+            fail("min_reward_margin", f"is {self.min_reward_margin}", "Use 0 or a positive margin.")
+        if not 0 < self.test_size < 1:
+            fail("test_size", f"is {self.test_size}", "Use a share in (0, 1), e.g. 0.02.")
+        if self.dtype not in DTYPES:
+            fail("dtype", f"is {self.dtype!r}", f"Use one of {', '.join(DTYPES)}.")
+        try:
+            date.fromisoformat(self.chat_template_date)
+        except (TypeError, ValueError):
+            fail("chat_template_date", f"is {self.chat_template_date!r}", "Use a date as YYYY-MM-DD.")
+        if self.system_prompt and self.pre_query_template:
+            fail("system_prompt", "is set together with pre_query_template",
+                 "Put the system prompt into the raw pre_query_template, or drop the override.")
+        if self.push_to_hub and not self.repo_id:
+            fail("repo_id", "is not set but push_to_hub is", "Give repo_id as user/name.")
+        if isinstance(self.language, str):
+            self.language = [self.language]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_config(args: list[str] | None = None) -> BuildConfig:
+    """`--config recipe.yaml` plus command-line overrides, as TRL's scripts parse them."""
+    from trl import TrlParser
+
+    (config,) = TrlParser(BuildConfig).parse_args_and_config(args)
+    return config

@@ -1,0 +1,170 @@
+"""The sampling engine behind the instruction and response stages (transformers models, one batch at a time).
+
+Why not `model.generate`: three things a dataset builder needs that it does not give.
+- Sampling parameters are exactly the ones asked for. `generate` merges the model's own generation config into
+  the call, and a model that ships `temperature: 0.6, top_p: 0.9` (Llama-3 does) can quietly override Magpie's
+  `temperature: 1.0, top_p: 1.0`.
+- Every sample has its own seed, and the random numbers are a pure function of (seed, step, token id): a row's
+  text does not depend on the batch it landed in, so batch size, `num_proc`, sharding across nodes and resuming
+  after a crash all give the same dataset.
+- The N responses of one instruction share one prefill (the KV cache is repeated, not recomputed), and finished
+  sequences are retired from the batch instead of decoding padding until the longest one ends.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+# splitmix64 constants, as signed int64 (torch has no uint64 arithmetic; int64 multiplication wraps).
+_C1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_C2 = 0x94D049BB133111EB - (1 << 64)
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Args:
+    temperature (`float`): 0 means greedy.
+    top_p (`float`): nucleus sampling; 1.0 keeps the whole distribution.
+    max_new_tokens (`int`): the token cap; a sample that reaches it has finish reason "length".
+    stop_token_ids (`tuple[int, ...]`): end-of-turn and EOS ids; a sample that writes one has finish reason "stop".
+    """
+
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    stop_token_ids: tuple[int, ...]
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # without the stop token
+    finish_reason: str  # "stop" or "length"
+
+
+def _wrap_int64(value: int) -> int:
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    # Logical shift on int64: an arithmetic shift, then clear the copies of the sign bit.
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ _shift_right(x, 30)
+    x = x * _C1
+    x = x ^ _shift_right(x, 27)
+    x = x * _C2
+    return x ^ _shift_right(x, 31)
+
+
+def counter_uniform(seeds: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
+    """Uniform numbers in (0, 1), shape `[len(seeds), vocab_size]`, a pure function of (seed, step, token id)."""
+    row = splitmix64(seeds.to(torch.int64) + _wrap_int64((step + 1) * _GOLDEN))
+    tokens = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    bits = splitmix64(row[:, None] + tokens[None, :] * _C2)
+    mantissa = _shift_right(bits, 11)  # 53 random bits
+    return (mantissa.to(torch.float64) + 0.5) * (2.0**-53)
+
+
+def sample_next_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: int, params: SamplingParams) -> torch.Tensor:
+    """One token per row: Gumbel-max over the temperature-scaled, top-p-filtered logits."""
+    logits = logits.float()
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Keep the smallest set whose mass reaches top_p: drop a token once the mass before it already does.
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    gumbel = -torch.log(-torch.log(counter_uniform(seeds, step, logits.shape[-1]))).to(logits.dtype)
+    return (logits + gumbel).argmax(-1)
+
+
+def _left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[i, width - len(prompt) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+@torch.inference_mode()
+def sample(
+    model,
+    prompts: list[list[int]],
+    seeds: list[int],
+    params: SamplingParams,
+    *,
+    num_samples: int = 1,
+    pad_token_id: int = 0,
+) -> list[Completion]:
+    """Samples `num_samples` completions of every prompt, `len(prompts) * num_samples` in all, grouped by prompt.
+
+    Args:
+        model: a causal LM (`AutoModelForCausalLM`), on its device.
+        prompts (`list[list[int]]`): token ids, unpadded.
+        seeds (`list[int]`): one int64 seed per completion, in output order.
+        params (`SamplingParams`): temperature, top_p, token cap and stop ids.
+        num_samples (`int`, defaults to 1): completions per prompt, sampled from one shared prefill.
+        pad_token_id (`int`, defaults to 0): the id used for left padding (masked out).
+    """
+    from transformers import DynamicCache
+
+    if len(seeds) != len(prompts) * num_samples:
+        raise ValueError(f"sample() needs one seed per completion: got {len(seeds)} for {len(prompts)} x {num_samples}")
+    device = model.device
+    input_ids, attention_mask = _left_pad(prompts, pad_token_id, device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        past_key_values=cache, use_cache=True, logits_to_keep=1,
+    )
+    logits = out.logits[:, -1, :]
+    next_positions = position_ids[:, -1] + 1
+    if num_samples > 1:
+        cache.batch_repeat_interleave(num_samples)
+        logits = logits.repeat_interleave(num_samples, dim=0)
+        attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
+        next_positions = next_positions.repeat_interleave(num_samples, dim=0)
+
+    total = len(seeds)
+    seed_tensor = torch.tensor(seeds, dtype=torch.int64, device=device)
+    stop_ids = torch.tensor(sorted(params.stop_token_ids), device=device)
+    rows = torch.arange(total, device=device)  # which completion each batch row holds
+    generated: list[list[int]] = [[] for _ in range(total)]
+    finish = ["length"] * total
+    for step in range(params.max_new_tokens):
+        tokens = sample_next_tokens(logits, seed_tensor[rows], step, params)
+        stopped = torch.isin(tokens, stop_ids)
+        for row, token, is_stop in zip(rows.tolist(), tokens.tolist(), stopped.tolist()):
+            if is_stop:
+                finish[row] = "stop"
+            else:
+                generated[row].append(token)
+        if step == params.max_new_tokens - 1:
+            break
+        keep = ~stopped
+        if not keep.any():
+            break
+        if not keep.all():
+            # Retire finished rows: the rest decode on a smaller batch and a smaller cache.
+            index = keep.nonzero().squeeze(-1)
+            cache.batch_select_indices(index)
+            rows, tokens = rows[index], tokens[index]
+            attention_mask, next_positions = attention_mask[index], next_positions[index]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=-1)
+        out = model(
+            input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_positions[:, None],
+            past_key_values=cache, use_cache=True,
+        )
+        logits = out.logits[:, -1, :]
+        next_positions = next_positions + 1
+    return [Completion(ids, reason) for ids, reason in zip(generated, finish)]

@@ -1,0 +1,151 @@
+"""Loading the generator and the reward model: device, dtype, remote code; one load per process.
+
+Stages receive a `ModelSpec` (small, picklable, part of the fingerprint) and call `load_generator` /
+`load_reward_model`, which cache the loaded model per process. So `Dataset.map(num_proc=n, with_rank=True)` loads
+one model per worker on `cuda:{rank % n}`, and the stages never close over a model (closures break fingerprints).
+"""
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .tiny import resolve_model_path
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Args:
+    name_or_path (`str`): a Hub id, a local folder, or `tiny:<name>` for the built-in tiny models.
+    revision (`str`, *optional*): branch, tag or commit on the Hub.
+    trust_remote_code (`bool`, defaults to `False`): run the model's own code (ArmoRM needs it). Opt-in only.
+    dtype (`str`, defaults to `"auto"`): "auto" is bfloat16 on a GPU that supports it and float32 on CPU.
+    device (`str`, defaults to `"auto"`): "auto" is `cuda:{rank % n_gpus}` when CUDA is there, else "cpu".
+    attn_implementation (`str`, *optional*): "sdpa", "flash_attention_2", ...; the library's default otherwise.
+    """
+
+    name_or_path: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    attn_implementation: str | None = None
+
+
+def resolve_device(spec: ModelSpec, rank: int | None):
+    import torch
+
+    if spec.device != "auto":
+        return torch.device(spec.device)
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{(rank or 0) % torch.cuda.device_count()}")
+    return torch.device("cpu")
+
+
+def resolve_dtype(spec: ModelSpec, device):
+    import torch
+
+    if spec.dtype != "auto":
+        return getattr(torch, spec.dtype)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    # bf16 on CPU is 50-150x slower than fp32 here; fp16 on CPU is worse.
+    return torch.float32
+
+
+def _custom_code_classes(path: str, revision: str | None) -> dict:
+    """The `auto_map` of a model's config: the classes it implements in its own code, if any."""
+    if Path(path).is_dir():
+        config_file = Path(path) / "config.json"
+    else:
+        # On the Hub: read config.json alone, without executing anything.
+        from huggingface_hub import hf_hub_download
+
+        config_file = Path(hf_hub_download(path, "config.json", revision=revision))
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path} has no config.json: it is not a transformers model folder.")
+    return json.loads(config_file.read_text()).get("auto_map", {})
+
+
+def check_remote_code(spec: ModelSpec, auto_class: str, role: str) -> None:
+    """Refuses a model whose config maps `auto_class` to its own code unless remote code was opted into.
+
+    Without the opt-in transformers would load the stock class instead and silently initialise the missing head
+    at random (ArmoRM's gating and regression layers): a reward model that scores noise.
+    """
+    if spec.trust_remote_code:
+        return
+    auto_map = _custom_code_classes(resolve_model_path(spec.name_or_path), spec.revision)
+    if auto_class in auto_map:
+        raise ValueError(
+            f"The {role} {spec.name_or_path} implements {auto_class} in its own code ({auto_map[auto_class]}). "
+            f"Review that code, then set `{role}_trust_remote_code: true` to run it."
+        )
+
+
+def revision_of(model, spec: ModelSpec) -> str:
+    """The commit the weights came from (Hub), else the requested revision, else "local"."""
+    return getattr(model.config, "_commit_hash", None) or spec.revision or "local"
+
+
+@functools.lru_cache(maxsize=2)
+def load_generator(spec: ModelSpec, rank: int | None = None):
+    """(model, tokenizer) for a causal chat model, in eval mode on its device. Cached per process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_remote_code(spec, "AutoModelForCausalLM", "generator")
+    path = resolve_model_path(spec.name_or_path)
+    device = resolve_device(spec, rank)
+    _limit_cpu_threads(device)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+        dtype=resolve_dtype(spec, device), attn_implementation=spec.attn_implementation,
+    ).to(device)
+    model.eval()
+    return model, tokenizer
+
+
+@functools.lru_cache(maxsize=2)
+def load_reward_model(spec: ModelSpec, rank: int | None = None):
+    """(model, tokenizer) for a reward model: `AutoModelForSequenceClassification` with one label, or custom
+    code whose output has `.score` (ArmoRM). Right padding, a pad token always set. Cached per process."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    check_remote_code(spec, "AutoModelForSequenceClassification", "reward")
+    path = resolve_model_path(spec.name_or_path)
+    device = resolve_device(spec, rank)
+    _limit_cpu_threads(device)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+        dtype=resolve_dtype(spec, device), attn_implementation=spec.attn_implementation,
+    ).to(device)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        # Llama-3 tokenizers ship without one; the model reads the last non-padding token, so any id is safe
+        # as long as the attention mask marks it.
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.padding_side = "right"
+    return model, tokenizer
+
+
+def generation_eos_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = model.config.eos_token_id
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def _limit_cpu_threads(device) -> None:
+    import torch
+
+    # One torch thread per process on CPU is faster and much steadier than several on few cores; users with
+    # many cores raise it with MAGPIE_CPU_THREADS (or run num_proc workers).
+    if device.type == "cpu":
+        torch.set_num_threads(int(os.environ.get("MAGPIE_CPU_THREADS", "1")))
