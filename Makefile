@@ -18,6 +18,6 @@ demo: $(BIN)/.installed
 	$(BIN)/magpie-build --config dataset_scripts/demo.yaml --output_dir $(OUT)
 
 test: $(BIN)/.installed
-	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests
 
 .PHONY: install demo test

@@ -56,6 +56,12 @@ def _map(dataset: Dataset, function, config: BuildConfig, desc: str, fn_kwargs: 
     )
 
 
+def _require_rows(rows: Dataset, ledger: Ledger, stage: str, fix: str) -> None:
+    if len(rows) == 0:
+        raise ValueError(f"No rows survived the {stage} (drops so far: {ledger.drops()}). To keep rows: {fix}, "
+                         "or raise num_instructions.")
+
+
 def build(config: BuildConfig) -> BuildResult:
     ledger = Ledger()
     generator, reward = model_specs(config)
@@ -90,6 +96,7 @@ def build(config: BuildConfig) -> BuildResult:
         reasons = stages.mark_duplicates(rows["instruction"], rows["drop_reason"])
         rows = rows.remove_columns("drop_reason").add_column("drop_reason", reasons)
         rows = stages.drop_tagged(rows, record).remove_columns("instruction_finish_reason")
+        _require_rows(rows, ledger, "instruction filters", "raise max_instruction_tokens or max_prompt_tokens")
 
     # 3. N responses per instruction, through the normal chat template.
     with ledger.stage("responses", rows_in=len(rows)) as record:
@@ -124,6 +131,7 @@ def build(config: BuildConfig) -> BuildResult:
                                                config.implicit_prompt),
         )
         rows = stages.drop_tagged(rows, record)
+        _require_rows(rows, ledger, "binarize", "lower min_reward_margin, or check the reward model's scores")
         rows = rows.select_columns([c for c in COLUMN_ORDER if c in rows.column_names])
 
     # 6. Split.

@@ -11,6 +11,7 @@ Why not `model.generate`: three things a dataset builder needs that it does not 
   sequences are retired from the batch instead of decoding padding until the longest one ends.
 """
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -123,9 +124,11 @@ def sample(
     input_ids, attention_mask = _left_pad(prompts, pad_token_id, device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
+    # transformers renamed `past_key_values` to `cache` in 5.x; pass whichever this model's forward takes.
+    cache_kwarg = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
     out = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=cache, use_cache=True, logits_to_keep=1,
+        use_cache=True, logits_to_keep=1, **cache_kwarg,
     )
     logits = out.logits[:, -1, :]
     next_positions = position_ids[:, -1] + 1
@@ -163,7 +166,7 @@ def sample(
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=-1)
         out = model(
             input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_positions[:, None],
-            past_key_values=cache, use_cache=True,
+            use_cache=True, **cache_kwarg,
         )
         logits = out.logits[:, -1, :]
         next_positions = next_positions + 1

@@ -32,10 +32,10 @@ class Ledger:
     @contextmanager
     def stage(self, name: str, rows_in: int):
         record = StageRecord(name, rows_in=rows_in)
+        self.stages.append(record)  # at once, so an error inside the stage can report its drops
         start = time.perf_counter()
         yield record
         record.seconds = time.perf_counter() - start
-        self.stages.append(record)
         lost = record.rows_in - record.rows_out - sum(record.drops.values())
         if lost:
             raise RuntimeError(f"Stage {name} lost {lost} rows without a reason: {record}")

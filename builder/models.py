@@ -21,7 +21,8 @@ class ModelSpec:
     revision (`str`, *optional*): branch, tag or commit on the Hub.
     trust_remote_code (`bool`, defaults to `False`): run the model's own code (ArmoRM needs it). Opt-in only.
     dtype (`str`, defaults to `"auto"`): "auto" is bfloat16 on a GPU that supports it and float32 on CPU.
-    device (`str`, defaults to `"auto"`): "auto" is `cuda:{rank % n_gpus}` when CUDA is there, else "cpu".
+    device (`str`, defaults to `"auto"`): "auto" is `cuda:{rank % n_gpus}` when CUDA is there, else "cpu";
+        "sharded" spreads one model over all visible GPUs (`device_map="auto"`), for models too big for one.
     attn_implementation (`str`, *optional*): "sdpa", "flash_attention_2", ...; the library's default otherwise.
     """
 
@@ -36,6 +37,8 @@ class ModelSpec:
 def resolve_device(spec: ModelSpec, rank: int | None):
     import torch
 
+    if spec.device == "sharded":
+        return None
     if spec.device != "auto":
         return torch.device(spec.device)
     if torch.cuda.is_available():
@@ -48,7 +51,7 @@ def resolve_dtype(spec: ModelSpec, device):
 
     if spec.dtype != "auto":
         return getattr(torch, spec.dtype)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device is None or device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     # bf16 on CPU is 50-150x slower than fp32 here; fp16 on CPU is worse.
     return torch.float32
@@ -89,43 +92,48 @@ def revision_of(model, spec: ModelSpec) -> str:
     return getattr(model.config, "_commit_hash", None) or spec.revision or "local"
 
 
+def _load(spec: ModelSpec, rank: int | None, auto_class, role: str):
+    from transformers import AutoTokenizer
+
+    check_remote_code(spec, auto_class.__name__, role)
+    path = resolve_model_path(spec.name_or_path)
+    device = resolve_device(spec, rank)
+    if device is not None and device.type == "cpu":
+        # One torch thread per process on CPU is faster and much steadier than several on few cores; raise it
+        # with MAGPIE_CPU_THREADS, or run num_proc workers.
+        torch_set_threads(int(os.environ.get("MAGPIE_CPU_THREADS", "1")))
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    model = auto_class.from_pretrained(
+        path, revision=spec.revision, trust_remote_code=spec.trust_remote_code, dtype=resolve_dtype(spec, device),
+        attn_implementation=spec.attn_implementation, device_map="auto" if device is None else None,
+    )
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
 @functools.lru_cache(maxsize=2)
 def load_generator(spec: ModelSpec, rank: int | None = None):
     """(model, tokenizer) for a causal chat model, in eval mode on its device. Cached per process."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    check_remote_code(spec, "AutoModelForCausalLM", "generator")
-    path = resolve_model_path(spec.name_or_path)
-    device = resolve_device(spec, rank)
-    _limit_cpu_threads(device)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
-        dtype=resolve_dtype(spec, device), attn_implementation=spec.attn_implementation,
-    ).to(device)
-    model.eval()
-    return model, tokenizer
+    return _load(spec, rank, AutoModelForCausalLM, "generator")
 
 
 @functools.lru_cache(maxsize=2)
 def load_reward_model(spec: ModelSpec, rank: int | None = None):
     """(model, tokenizer) for a reward model: `AutoModelForSequenceClassification` with one label, or custom
     code whose output has `.score` (ArmoRM). Right padding, a pad token always set. Cached per process."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    check_remote_code(spec, "AutoModelForSequenceClassification", "reward")
-    path = resolve_model_path(spec.name_or_path)
-    device = resolve_device(spec, rank)
-    _limit_cpu_threads(device)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
-        dtype=resolve_dtype(spec, device), attn_implementation=spec.attn_implementation,
-    ).to(device)
-    model.eval()
+    model, tokenizer = _load(spec, rank, AutoModelForSequenceClassification, "reward")
+    if tokenizer.chat_template is None:
+        raise ValueError(f"The reward model {spec.name_or_path} has no chat template, so (instruction, response) "
+                         "pairs cannot be rendered the way it was trained. Use a reward model that ships one.")
     if tokenizer.pad_token_id is None:
-        # Llama-3 tokenizers ship without one; the model reads the last non-padding token, so any id is safe
-        # as long as the attention mask marks it.
+        # Llama-3 tokenizers ship without one; the score is read at the last token the attention mask marks,
+        # so padding with EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -142,10 +150,7 @@ def generation_eos_ids(model) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-def _limit_cpu_threads(device) -> None:
+def torch_set_threads(count: int) -> None:
     import torch
 
-    # One torch thread per process on CPU is faster and much steadier than several on few cores; users with
-    # many cores raise it with MAGPIE_CPU_THREADS (or run num_proc workers).
-    if device.type == "cpu":
-        torch.set_num_threads(int(os.environ.get("MAGPIE_CPU_THREADS", "1")))
+    torch.set_num_threads(count)

@@ -199,15 +199,32 @@ def reward_max_length(model, tokenizer, requested: int | None) -> int:
     return min(limit for limit in limits if limit)
 
 
+def reward_batches(token_ids: list[list[int]], pad_token_id: int, batch_size: int) -> list[list[int]]:
+    """Indices of `token_ids` in length-sorted batches, so padding stays small.
+
+    Sequence classifiers read the score at the last token that is not `pad_token_id`. A sequence that itself ends
+    with that id (a reward tokenizer without a pad token, padded with EOS) would be read one token early, so such
+    sequences only share a batch with others of the same length: they are never padded.
+    """
+    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+    safe = [i for i in order if token_ids[i][-1] != pad_token_id]
+    batches = [safe[s : s + batch_size] for s in range(0, len(safe), batch_size)]
+    by_length: dict[int, list[int]] = {}
+    for i in order:
+        if token_ids[i][-1] == pad_token_id:
+            by_length.setdefault(len(token_ids[i]), []).append(i)
+    for group in by_length.values():
+        batches += [group[s : s + batch_size] for s in range(0, len(group), batch_size)]
+    return batches
+
+
 def score_sequences(model, token_ids: list[list[int]], pad_token_id: int, batch_size: int) -> list[float]:
-    """One reward per sequence; sequences are scored in length-sorted, right-padded batches."""
+    """One reward per sequence, scored in right-padded batches under `torch.inference_mode`."""
     import torch
 
-    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
     scores = [math.nan] * len(token_ids)
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        for chunk in reward_batches(token_ids, pad_token_id, batch_size):
             width = max(len(token_ids[i]) for i in chunk)
             input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)

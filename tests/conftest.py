@@ -1,0 +1,58 @@
+"""Test set-up: offline, deterministic, nothing reaches any address but loopback.
+
+The tiny models are built once per machine into a cache folder (MAGPIE_BUILDER_CACHE, default .cache/ in the
+checkout) and reused by every test; Hugging Face caches go to a temporary folder.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("MAGPIE_BUILDER_CACHE", str(ROOT / ".cache" / "magpie_builder"))
+_HF_HOME = tempfile.mkdtemp(prefix="magpie-test-hf-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_DATASETS_CACHE"] = str(Path(_HF_HOME) / "datasets")
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.pop("HF_TOKEN", None)
+# Any Hub call that a test did not point at its own server goes to a closed loopback port, never outside.
+os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
+
+import pytest  # noqa: E402
+
+from builder.config import BuildConfig  # noqa: E402
+from builder.tiny import resolve_model_path  # noqa: E402
+
+FAMILIES = ["llama-3", "llama-3.1", "qwen2.5", "gemma-2", "phi-3.5", "mistral"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """`tiny_model("chat-llama-3")` -> the local folder of a tiny model, built on first use."""
+    return lambda name: resolve_model_path(f"tiny:{name}")
+
+
+def small_config(**overrides) -> BuildConfig:
+    """A fast build on tiny models; any field can be overridden."""
+    values = dict(
+        generator_model="tiny:chat-llama-3.1",
+        reward_model="tiny:reward-armo",
+        reward_trust_remote_code=True,
+        num_instructions=24,
+        max_instruction_tokens=64,
+        num_responses=4,
+        max_response_tokens=32,
+        generation_batch_size=8,
+        reward_batch_size=8,
+        test_size=0.1,
+        seed=7,
+    )
+    values.update(overrides)
+    return BuildConfig(**values)
+
+
+@pytest.fixture
+def make_config():
+    return small_config

@@ -1,0 +1,178 @@
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from datasets import load_dataset
+
+from builder.build import build
+from builder.cli import main as cli_main
+from builder.config import BuildConfig, parse_config
+from builder.publish import write_folder
+from conftest import ROOT, small_config
+
+DEMO = str(ROOT / "dataset_scripts" / "demo.yaml")
+SEED_RECIPE = ROOT / "dataset_scripts" / "magpie_llama31_pro_dpo_100k.yaml"
+
+
+def rows(dataset_dict):
+    return {name: split.to_list() for name, split in dataset_dict.items()}
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo")
+    assert cli_main(["--config", DEMO, "--output_dir", str(folder), "--num_instructions", "32"]) == 0
+    return folder
+
+
+def test_demo_end_to_end_through_the_cli(demo_folder):
+    files = sorted(str(p.relative_to(demo_folder)) for p in demo_folder.rglob("*") if p.is_file())
+    assert "data/train-00000-of-00001.parquet" in files and "data/test-00000-of-00001.parquet" in files
+    assert "build_config.yaml" in files and "build_summary.json" in files
+    written = yaml.safe_load((demo_folder / "build_config.yaml").read_text())
+    assert written["num_instructions"] == 32  # the command-line override won over the YAML
+    assert written["generator_model"] == "tiny:chat-llama-3.1"
+
+
+def test_load_dataset_reads_the_folder_as_built(demo_folder):
+    loaded = load_dataset(str(demo_folder))
+    assert set(loaded) == {"train", "test"}
+    assert len(loaded["test"]) >= 1 and len(loaded["train"]) > len(loaded["test"])
+    config = BuildConfig(**yaml.safe_load((demo_folder / "build_config.yaml").read_text()))
+    rebuilt = build(config).dataset  # same config and seed: the same rows, in the same order
+    assert rows(loaded) == rows(rebuilt)
+
+
+def test_output_is_trl_conversational_preference_data(demo_folder):
+    from trl.data_utils import is_conversational
+
+    train = load_dataset(str(demo_folder), split="train")
+    row = train[0]
+    assert is_conversational(row)
+    assert row["prompt"][0]["role"] == "user" and row["prompt"][0]["content"] == row["instruction"]
+    assert [m["role"] for m in row["chosen"]] == ["assistant"] == [m["role"] for m in row["rejected"]]
+    for row in train:
+        assert len(row["responses"]) == 5 == len(row["rewards"]) == len(row["response_finish_reasons"])
+        assert row["chosen"][0]["content"] == row["responses"][row["rewards"].index(max(row["rewards"]))]
+        assert row["rejected"][0]["content"] == row["responses"][row["rewards"].index(min(row["rewards"]))]
+        assert row["reward_margin"] == pytest.approx(row["chosen_score"] - row["rejected_score"]) and \
+            row["reward_margin"] > 0
+        assert row["gen_input_configs"]["input_generator"] == "tiny:chat-llama-3.1"
+        assert row["gen_response_configs"]["temperature"] == 0.8
+        assert row["reward_model"] == "tiny:reward-armo"
+    assert len(set(train["uuid"])) == len(train)
+
+
+def test_same_seed_same_dataset_other_seed_other_dataset():
+    first = rows(build(small_config()).dataset)
+    assert first == rows(build(small_config()).dataset)
+    assert first != rows(build(small_config(seed=8)).dataset)
+
+
+def test_implicit_prompt_option_writes_magpies_published_form(tmp_path):
+    result = build(small_config(implicit_prompt=True))
+    row = result.dataset["train"][0]
+    assert "prompt" not in row
+    assert [m["role"] for m in row["chosen"]] == ["user", "assistant"]
+    assert row["chosen"][0]["content"] == row["instruction"]
+    write_folder(result, tmp_path)
+    assert load_dataset(str(tmp_path), split="train")[0]["chosen"] == row["chosen"]
+
+
+def test_save_to_disk_on_request(tmp_path):
+    from datasets import load_from_disk
+
+    result = build(small_config(save_to_disk=True))
+    write_folder(result, tmp_path)
+    assert rows(load_from_disk(str(tmp_path / "arrow"))) == rows(result.dataset)
+
+
+def test_summary_reports_every_stage():
+    result = build(small_config())
+    names = [r.name for r in result.ledger.stages]
+    assert names == ["instructions", "filter", "responses", "rewards", "binarize", "split"]
+    summary = result.ledger.summary()
+    for name in names:
+        assert name in summary
+    assert result.ledger.get("responses").tokens > 0 and result.ledger.get("responses").tokens_per_second > 0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"generator_model": None}, "`generator_model` is not set"),
+        ({"num_instructions": 0}, "`num_instructions` is 0"),
+        ({"num_responses": 1}, "`num_responses` is 1.*at least 2"),
+        ({"instruction_top_p": 0.0}, "`instruction_top_p`"),
+        ({"response_temperature": -1.0}, "`response_temperature`"),
+        ({"test_size": 1.5}, "`test_size` is 1.5"),
+        ({"dtype": "fp8"}, "`dtype` is 'fp8'"),
+        ({"chat_template_date": "yesterday"}, "`chat_template_date`.*YYYY-MM-DD"),
+        ({"push_to_hub": True}, "`repo_id` is not set"),
+        ({"system_prompt": "x", "pre_query_template": "llama3"}, "`system_prompt` is set together"),
+        ({"min_reward_margin": -1.0}, "`min_reward_margin`"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(**overrides)
+
+
+def test_yaml_with_command_line_overrides():
+    config = parse_config(["--config", DEMO, "--num_instructions", "7", "--seed", "3"])
+    assert (config.num_instructions, config.seed, config.num_responses) == (7, 3, 5)
+    with pytest.raises(ValueError, match="no_such_field"):
+        parse_config(["--config", DEMO, "--no_such_field", "1"])
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(Path(DEMO).read_text() + "num_instruction: 5\n")
+    with pytest.raises(ValueError, match="num_instruction"):
+        parse_config(["--config", str(recipe)])
+
+
+def test_seed_recipe_config_is_valid_and_exact():
+    config = parse_config(["--config", str(SEED_RECIPE)])
+    assert config.generator_model == "meta-llama/Llama-3.1-70B-Instruct"
+    assert config.reward_model == "RLHFlow/ArmoRM-Llama3-8B-v0.1" and config.reward_trust_remote_code
+    assert (config.num_instructions, config.num_responses, config.response_temperature) == (100_000, 5, 0.8)
+    assert (config.instruction_temperature, config.instruction_top_p) == (1.0, 1.0)
+    assert config.test_size == 0.02 and config.max_prompt_tokens == 1800 and config.license == "llama3.1"
+
+
+def test_seed_recipe_script_runs_on_tiny_models(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe", SEED_RECIPE.with_suffix(".py"))
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    overrides = ["--generator_model", "tiny:chat-llama-3.1", "--reward_model", "tiny:reward-armo",
+                 "--num_instructions", "12", "--max_instruction_tokens", "48", "--max_response_tokens", "24",
+                 "--device", "cpu", "--dtype", "float32", "--test_size", "0.2", "--output_dir", str(tmp_path)]
+    assert recipe.main(overrides) == 0
+    loaded = load_dataset(str(tmp_path))
+    assert sum(len(s) for s in loaded.values()) > 0
+    # The recipe strips Llama-3.1's default system block, as Magpie did.
+    assert loaded["train"][0]["gen_input_configs"]["pre_query_template"] == \
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+
+
+def test_dpo_trainer_runs_two_steps_on_the_built_train_split(demo_folder, tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    train = load_dataset(str(demo_folder), split="train")
+    path = tiny_model("chat-llama-3.1")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
+                     beta=0.01, max_length=512, bf16=False, use_cpu=True, report_to=[], logging_steps=1,
+                     save_strategy="no")
+    trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    result = trainer.train()
+    assert trainer.state.global_step == 2
+    assert math.isfinite(result.training_loss)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2 and all("rewards/margins" in entry for entry in logged)

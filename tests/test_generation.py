@@ -1,0 +1,86 @@
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from builder.generation import SamplingParams, counter_uniform, sample, sample_next_tokens, splitmix64
+
+MASK = (1 << 64) - 1
+
+
+def reference_splitmix64(x: int) -> int:
+    x &= MASK
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & MASK
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & MASK
+    return x ^ (x >> 31)
+
+
+def test_splitmix64_matches_the_unsigned_reference():
+    values = [0, 1, 42, -1, -(1 << 63), (1 << 63) - 1, 123456789123456789]
+    got = splitmix64(torch.tensor(values, dtype=torch.int64)).tolist()
+    assert [g & MASK for g in got] == [reference_splitmix64(v) for v in values]
+
+
+def test_counter_uniform_is_uniform_and_a_pure_function():
+    seeds = torch.tensor([1, 2, 3], dtype=torch.int64)
+    u = counter_uniform(seeds, step=5, vocab_size=20000)
+    assert u.shape == (3, 20000) and bool(((u > 0) & (u < 1)).all())
+    assert abs(u.mean().item() - 0.5) < 0.01
+    assert torch.equal(u[1], counter_uniform(torch.tensor([2]), 5, 20000)[0])  # row independent of batch
+    assert not torch.equal(u, counter_uniform(seeds, 6, 20000))
+
+
+def test_sampling_matches_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    params = SamplingParams(1.0, 1.0, 1, ())
+    draws = torch.cat([sample_next_tokens(logits, torch.tensor([s]), 0, params) for s in range(4000)])
+    freq = torch.bincount(draws, minlength=3).float() / 4000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.03)
+
+
+def test_top_p_and_greedy():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    seeds = range(300)
+    nucleus = SamplingParams(1.0, 0.7, 1, ())
+    picked = {sample_next_tokens(logits, torch.tensor([s]), 0, nucleus).item() for s in seeds}
+    assert picked == {0, 1}  # 0.5 + 0.3 reaches 0.7; 0.2 is cut
+    greedy = SamplingParams(0.0, 1.0, 1, ())
+    assert sample_next_tokens(logits, torch.tensor([9]), 0, greedy).item() == 0
+
+
+def load(tiny_model):
+    path = tiny_model("chat-llama-3")
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def test_rows_do_not_depend_on_their_batch(tiny_model):
+    model, tokenizer = load(tiny_model)
+    params = SamplingParams(1.0, 1.0, 24, (tokenizer.convert_tokens_to_ids("<|eot_id|>"),))
+    prompts = [tokenizer("Write a poem about the ocean").input_ids, tokenizer("Hi").input_ids]
+    together = sample(model, prompts, [11, 22], params, pad_token_id=tokenizer.pad_token_id)
+    alone = [sample(model, [p], [s], params, pad_token_id=tokenizer.pad_token_id)[0]
+             for p, s in zip(prompts, [11, 22])]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+
+
+def test_shared_prefill_equals_separate_prompts(tiny_model):
+    model, tokenizer = load(tiny_model)
+    params = SamplingParams(0.8, 1.0, 16, (tokenizer.convert_tokens_to_ids("<|eot_id|>"),))
+    prompt = tokenizer("Explain the steps").input_ids
+    shared = sample(model, [prompt], [1, 2, 3], params, num_samples=3, pad_token_id=tokenizer.pad_token_id)
+    separate = sample(model, [prompt] * 3, [1, 2, 3], params, pad_token_id=tokenizer.pad_token_id)
+    assert [c.token_ids for c in shared] == [c.token_ids for c in separate]
+    assert len({tuple(c.token_ids) for c in shared}) > 1  # different seeds, different samples
+
+
+def test_stop_and_length_finish_reasons(tiny_model):
+    model, tokenizer = load(tiny_model)
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    prompt = tokenizer("<|start_header_id|>user<|end_header_id|>\n\n", add_special_tokens=True).input_ids
+    capped = sample(model, [prompt], list(range(40)), SamplingParams(1.0, 1.0, 3, (eot,)), num_samples=40,
+                    pad_token_id=tokenizer.pad_token_id)
+    for c in capped:
+        assert eot not in c.token_ids
+        assert (c.finish_reason == "length" and len(c.token_ids) == 3) or (c.finish_reason == "stop"
+                                                                             and len(c.token_ids) < 3)
+    assert {c.finish_reason for c in capped} == {"stop", "length"}
