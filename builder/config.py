@@ -29,8 +29,8 @@ class BuildConfig:
                                            default=False)
     dtype: str = _help("Model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.",
                        default="auto")
-    device: str = _help("auto (cuda:{rank % n_gpus} when CUDA is there, else cpu), or a torch device.",
-                        default="auto")
+    device: str = _help("auto (cuda:{rank %% n_gpus} when CUDA is there, else cpu), sharded (one model over all "
+                        "GPUs), or a torch device.", default="auto")
     attn_implementation: str | None = _help("sdpa, flash_attention_2, eager; the library default otherwise.",
                                             default=None)
     # Pre-query template

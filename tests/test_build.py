@@ -176,3 +176,12 @@ def test_dpo_trainer_runs_two_steps_on_the_built_train_split(demo_folder, tmp_pa
     assert math.isfinite(result.training_loss)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2 and all("rewards/margins" in entry for entry in logged)
+
+
+def test_cli_help_lists_the_fields(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--generator_model", "--num_responses", "--keep_default_system", "--push_to_hub"):
+        assert flag in out
