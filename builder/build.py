@@ -9,7 +9,8 @@ from . import stages
 from .config import BuildConfig
 from .generation import SamplingParams
 from .ledger import Ledger
-from .models import ModelSpec, generation_eos_ids, load_generator, load_reward_model
+from .card import build_date
+from .models import ModelSpec, generation_eos_ids, load_generator, load_reward_model, revision_of
 from .templates import PreQuery, derive_pre_query
 
 logger = logging.getLogger("magpie_builder")
@@ -28,6 +29,8 @@ class BuildResult:
     ledger: Ledger
     pre_query: PreQuery
     config: BuildConfig
+    reward_revision: str
+    built_at: str
 
 
 def model_specs(config: BuildConfig) -> tuple[ModelSpec, ModelSpec]:
@@ -66,7 +69,7 @@ def build(config: BuildConfig) -> BuildResult:
     ledger = Ledger()
     generator, reward = model_specs(config)
     # Load both models up front, so a wrong id or a missing opt-in fails before hours of generation.
-    load_reward_model(reward)
+    reward_revision = revision_of(load_reward_model(reward)[0], reward)
     pre_query = pre_query_of(config, generator)
     logger.info("pre-query template (%s): %r", pre_query.source, pre_query.text)
 
@@ -141,4 +144,4 @@ def build(config: BuildConfig) -> BuildResult:
         record.notes.update({f"{name}_rows": len(split) for name, split in dataset.items()})
 
     logger.info("build summary\n%s", ledger.summary())
-    return BuildResult(dataset, ledger, pre_query, config)
+    return BuildResult(dataset, ledger, pre_query, config, reward_revision, build_date())

@@ -55,9 +55,8 @@ class Ledger:
         return {"stages": [asdict(record) | {"tokens_per_second": record.tokens_per_second}
                            for record in self.stages], "drops": self.drops()}
 
-    def save(self, path) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
 
     def summary(self) -> str:
         lines = [f"{'stage':<14}{'rows in':>9}{'rows out':>10}{'seconds':>10}{'tokens':>10}{'tok/s':>9}  drops"]

@@ -87,6 +87,17 @@ def check_remote_code(spec: ModelSpec, auto_class: str, role: str) -> None:
         )
 
 
+def public_model_name(name_or_path: str) -> str:
+    """How a model is named in data and cards: a Hub id or `tiny:` name as is, a local folder by its own name
+    only (a local path, with its home directory, must not be published)."""
+    if name_or_path.startswith("tiny:"):
+        return name_or_path
+    path = Path(name_or_path).expanduser()
+    if path.is_absolute() or name_or_path.startswith((".", "~")) or path.is_dir():
+        return path.name
+    return name_or_path
+
+
 def revision_of(model, spec: ModelSpec) -> str:
     """The commit the weights came from (Hub), else the requested revision, else "local"."""
     return getattr(model.config, "_commit_hash", None) or spec.revision or "local"

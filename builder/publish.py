@@ -1,17 +1,32 @@
-"""Writing a build: a local folder that `load_dataset(folder)` reads exactly as it would the Hub repo."""
+"""Writing a build: a local folder that `load_dataset(folder)` reads exactly as it would the Hub repo, and the push.
 
+Both hold the same files: `data/{split}-*.parquet`, README.md (the card), the reward plot, `build_config.yaml` and
+`build_summary.json`. The push goes in two commits: `DatasetDict.push_to_hub` writes the data and the README's
+`configs` / `dataset_info` blocks, then the card body, plot, config and summary are merged in one more commit
+(a card pushed over the first README would wipe those blocks).
+"""
+
+import io
 import logging
 import math
+import time
 from pathlib import Path
 
 import yaml
 from datasets import DatasetDict
 
+from .card import CONFIG_FILE, PLOT_FILE, plot_rewards, public_config, render_card
+
 logger = logging.getLogger("magpie_builder")
 
 MAX_SHARD_BYTES = 500 * 1024 * 1024  # what `push_to_hub` uses, so local and Hub shards match
-CONFIG_FILE = "build_config.yaml"
 SUMMARY_FILE = "build_summary.json"
+README = "README.md"
+RETRIES = 3
+
+
+class PushError(RuntimeError):
+    """A push that could not be done; the message says why and what to do."""
 
 
 def shard_paths(split: str, num_shards: int) -> list[str]:
@@ -30,21 +45,178 @@ def write_parquet_shards(dataset: DatasetDict, folder: Path) -> list[str]:
     return written
 
 
-def write_build_config(config, folder: Path) -> None:
-    with open(folder / CONFIG_FILE, "w") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False, allow_unicode=True)
+def card_files(result, card) -> dict[str, bytes]:
+    """README.md, the plot, the build config and the summary: the files beside the data, local and on the Hub."""
+    plot = io.BytesIO()
+    plot_rewards(result.dataset, plot)
+    config_yaml = yaml.safe_dump(public_config(result.config), sort_keys=False, allow_unicode=True)
+    return {README: str(card).encode(), PLOT_FILE: plot.getvalue(), CONFIG_FILE: config_yaml.encode(),
+            SUMMARY_FILE: result.ledger.to_json().encode()}
+
+
+def write_files(folder: Path, files: dict[str, bytes]) -> None:
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
 
 
 def write_folder(result, folder: str | Path) -> Path:
-    """Writes the data shards, the build config and the build summary into `folder` (replacing old shards)."""
+    """Writes the data shards, the card and its files into `folder` (replacing old shards)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for old in (folder / "data").glob("*.parquet"):
         old.unlink()  # a smaller rebuild must not leave stale shards that load_dataset would pick up
     write_parquet_shards(result.dataset, folder)
-    write_build_config(result.config, folder)
-    result.ledger.save(folder / SUMMARY_FILE)
+    write_files(folder, card_files(result, render_card(result, repo_id=None)))
     if result.config.save_to_disk:
         result.dataset.save_to_disk(str(folder / "arrow"))
     logger.info("wrote %s", folder)
     return folder
+
+
+# --------------------------------------------------------------------------------------------------------------
+# push
+
+
+def _is_transient(error: Exception) -> bool:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(error, HfHubHTTPError):
+        return error.response is not None and error.response.status_code >= 500
+    # huggingface_hub's HTTP client raises its own TransportError family for refused or dropped connections.
+    return isinstance(error, (ConnectionError, TimeoutError)) or any(
+        cls.__name__ == "TransportError" for cls in type(error).__mro__)
+
+
+def with_retries(step: str, function, *args, **kwargs):
+    """Runs one push step, again after a server error or a dropped connection (3 tries, backoff 1 s, 2 s).
+
+    Every step is safe to repeat: creating the repo accepts an existing one, and a commit lands whole or not at
+    all, so a failed try leaves the repo as it was.
+    """
+    from huggingface_hub import constants
+
+    for attempt in range(1, RETRIES + 1):
+        try:
+            return function(*args, **kwargs)
+        except Exception as error:
+            if not _is_transient(error):
+                raise
+            if attempt == RETRIES:
+                raise PushError(
+                    f"{step} failed {RETRIES} times against {constants.ENDPOINT} ({_describe(error)}). The repo was "
+                    "left as it was before this step; check that the Hub is reachable (HF_ENDPOINT) and push again."
+                ) from error
+            logger.warning("%s failed (%s); trying again", step, _describe(error))
+            time.sleep(2 ** (attempt - 1))
+
+
+def _describe(error: Exception) -> str:
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    return f"HTTP {status}" if status else type(error).__name__
+
+
+def hub_token() -> str:
+    """The token from HF_TOKEN or the user's saved login; never from a config file."""
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise PushError("No Hugging Face token found: set HF_TOKEN, or run `hf auth login`, then push again.")
+    return token
+
+
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise PushError(f"`repo_id` {repo_id!r} is not a valid Hub repo id ({error}). Use user/name.") from error
+    if repo_id.count("/") != 1:
+        raise PushError(f"`repo_id` {repo_id!r} needs a namespace: use user/name or org/name.")
+
+
+def check_rights(api, repo_id: str, token: str) -> None:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        me = with_retries("Checking the token", api.whoami, token=token)
+    except HfHubHTTPError as error:
+        if error.response is not None and error.response.status_code == 401:
+            raise PushError("The Hub rejected the token (401): log in again with `hf auth login` or set a valid "
+                            "HF_TOKEN with write access.") from error
+        raise
+    namespace = repo_id.split("/")[0]
+    mine = {me["name"], *(org["name"] for org in me.get("orgs", []))}
+    if namespace not in mine:
+        raise PushError(f"{repo_id} belongs to {namespace!r}, and this token can write only to "
+                        f"{', '.join(sorted(mine))}. Push to a repo of your own namespace.")
+
+
+def existing_card(api, repo_id: str, revision: str | None, token: str):
+    """The README of the repo, or None when the repo (or its README) does not exist yet.
+
+    Read at the commit the branch points to now, never from a cached "main": the cache may hold the README of a
+    repo that has since been deleted or rewritten.
+    """
+    from huggingface_hub import DatasetCard, hf_hub_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        info = with_retries("Reading the repo", api.repo_info, repo_id, repo_type="dataset", revision=revision,
+                            token=token)
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        return None
+    if README not in {sibling.rfilename for sibling in info.siblings or []}:
+        return None
+    path = with_retries("Reading the repo's card", hf_hub_download, repo_id, README, repo_type="dataset",
+                        revision=info.sha, token=token)
+    return DatasetCard(Path(path).read_text())
+
+
+def check_schema(card, dataset: DatasetDict, repo_id: str) -> None:
+    """Refuses to push over a dataset whose columns differ; `force_push` overrides."""
+    from datasets.info import DatasetInfo
+
+    existing = (card.data.to_dict().get("dataset_info") or {}) if card else {}
+    if isinstance(existing, list):
+        existing = next((info for info in existing if info.get("config_name", "default") == "default"), {})
+    if not existing.get("features"):
+        return
+    ours = DatasetInfo(features=next(iter(dataset.values())).features)._to_yaml_dict()["features"]
+    if existing["features"] != ours:
+        old = sorted(f["name"] for f in existing["features"])
+        new = sorted(f["name"] for f in ours)
+        raise PushError(f"{repo_id} already holds a dataset with another schema (columns {old}, pushing {new}). "
+                        "Push to a new repo, or set `force_push: true` to replace it.")
+
+
+def push_to_hub(result, repo_id: str, *, private: bool = False, revision: str | None = None,
+                force: bool = False, folder: str | Path | None = None) -> str:
+    """Pushes the dataset, then its card, plot, build config and summary in one commit. Returns the URL."""
+    from huggingface_hub import CommitOperationAdd, DatasetCard, HfApi, constants
+
+    check_repo_id(repo_id)
+    token = hub_token()
+    api = HfApi(token=token)
+    check_rights(api, repo_id, token)
+    if not force:
+        check_schema(existing_card(api, repo_id, revision, token), result.dataset, repo_id)
+
+    commit = with_retries("Uploading the data", result.dataset.push_to_hub, repo_id, private=private,
+                          revision=revision, token=token, commit_message="Upload preference data (magpie-builder)")
+    pushed = existing_card(api, repo_id, revision or commit.oid, token)
+    metadata = pushed.data.to_dict() if pushed else {}
+    card = render_card(result, repo_id=repo_id, metadata=metadata)
+    DatasetCard(str(card))  # parses back, or fails here rather than on the Hub
+    files = card_files(result, card)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in files.items()]
+    with_retries("Uploading the card", api.create_commit, repo_id, operations=operations, repo_type="dataset",
+                 revision=revision, commit_message="Dataset card, reward plot and build config (magpie-builder)",
+                 parent_commit=commit.oid)
+    if folder is not None:
+        write_files(Path(folder), files)  # the local folder gets the very card the Hub has
+    url = f"{constants.ENDPOINT}/datasets/{repo_id}" + (f"/tree/{revision}" if revision else "")
+    logger.info("pushed %s", url)
+    return url

@@ -18,7 +18,7 @@ from datasets.fingerprint import Hasher
 
 from . import __version__
 from .generation import SamplingParams, sample
-from .models import ModelSpec, load_generator, load_reward_model, revision_of
+from .models import ModelSpec, load_generator, load_reward_model, public_model_name, revision_of
 from .templates import bos_prefix, encode_chat_text, render_chat
 
 KEEP = ""  # drop_reason of a row that stays
@@ -62,7 +62,7 @@ def generate_instructions(batch: dict, rank: int | None, *, generator: ModelSpec
     prompts = [list(settings.pre_query_ids)] * len(seeds)
     completions = sample(model, prompts, seeds, settings.sampling, pad_token_id=_pad_id(tokenizer))
     config = {
-        "input_generator": generator.name_or_path,
+        "input_generator": public_model_name(generator.name_or_path),
         "generator_revision": revision_of(model, generator),
         "pre_query_template": settings.pre_query_text,
         "temperature": settings.sampling.temperature,
@@ -164,7 +164,7 @@ def generate_responses(batch: dict, rank: int | None, *, generator: ModelSpec, s
     completions = sample(model, batch["prompt_token_ids"], seeds, settings.sampling, num_samples=n,
                          pad_token_id=_pad_id(tokenizer))
     config = {
-        "output_generator": generator.name_or_path,
+        "output_generator": public_model_name(generator.name_or_path),
         "generator_revision": revision_of(model, generator),
         "temperature": settings.sampling.temperature,
         "top_p": settings.sampling.top_p,
@@ -266,7 +266,7 @@ def score_responses(batch: dict, rank: int | None, *, reward: ModelSpec, setting
     return {
         "rewards": [flat[s : s + n] for s, n in zip(starts, sizes)],
         "reward_inputs_truncated": truncated,
-        "reward_model": [reward.name_or_path] * len(sizes),
+        "reward_model": [public_model_name(reward.name_or_path)] * len(sizes),
     }
 
 
@@ -324,7 +324,9 @@ def split(dataset: Dataset, test_size: float, seed: int) -> DatasetDict:
             f"Only {len(dataset)} preference pair(s) survived the filters; a train/test split needs at least 2. "
             "Raise `num_instructions`, or relax `min_reward_margin` / `max_prompt_tokens`."
         )
-    return dataset.train_test_split(test_size=test_size, seed=seed)
+    splits = dataset.train_test_split(test_size=test_size, seed=seed)
+    # Contiguous tables, so sizes (card, shard count) are the split's own and not the whole table's.
+    return DatasetDict({name: split.flatten_indices() for name, split in splits.items()})
 
 
 def settings_dict(settings) -> dict:

@@ -17,8 +17,14 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.pop("HF_TOKEN", None)
-# Any Hub call that a test did not point at its own server goes to a closed loopback port, never outside.
-os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
+
+# The Hub for every test is a Hub-compatible server on 127.0.0.1, started before huggingface_hub and datasets
+# read HF_ENDPOINT at import: nothing can reach any other address.
+from hub_server import HubServer  # noqa: E402
+
+HUB_TOKENS = {"hf_test_alice_0123456789": "alice", "hf_test_bob_9876543210": "bob"}
+HUB = HubServer(Path(tempfile.mkdtemp(prefix="magpie-test-hub-")), HUB_TOKENS).__enter__()
+os.environ["HF_ENDPOINT"] = HUB.url
 
 import pytest  # noqa: E402
 
@@ -56,3 +62,14 @@ def small_config(**overrides) -> BuildConfig:
 @pytest.fixture
 def make_config():
     return small_config
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """The test Hub, emptied, with Alice logged in through HF_TOKEN."""
+    HUB.recover()
+    HUB.state.repos.clear()
+    HUB.state.requests.clear()
+    monkeypatch.setenv("HF_TOKEN", "hf_test_alice_0123456789")
+    yield HUB
+    HUB.recover()

@@ -1,0 +1,209 @@
+"""The dataset card: rendered from `cards/dataset_card.md` with everything taken from the build's own record.
+
+The README's YAML carries the card metadata plus the `configs` / `dataset_info` blocks that `datasets` writes when
+it pushes; the body says how the data was built, what every stage dropped and why, what the numbers look like
+(with a plot), and how to load and train on it. Nothing in it is typed by hand, and nothing in it is a secret or a
+local path.
+"""
+
+import json
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import yaml
+from datasets import DatasetDict
+from datasets.info import DatasetInfo, DatasetInfosDict
+from datasets.splits import SplitDict, SplitInfo
+from datasets.utils.metadata import MetadataConfigs
+from huggingface_hub import DatasetCard, DatasetCardData
+
+from . import __version__
+from .models import public_model_name
+
+PLOT_FILE = "reward_distribution.png"
+CONFIG_FILE = "build_config.yaml"
+TEMPLATE = "dataset_card.md"
+TRAIN_RECIPE = "training/recipes/llama-3.1-8b-magpie-dpo/config_full.yaml"
+TAGS = ["dpo", "preference", "synthetic", "magpie", "trl"]
+EXAMPLE_CHARS = 300
+
+COLUMNS = {
+    "uuid": "Stable id of the row (from the seed and the row's index).",
+    "instruction": "The instruction the generator wrote from the pre-query template.",
+    "prompt": "The conversation before the answer: `[{role: user, content: instruction}]`.",
+    "chosen": "The highest-scored response, as conversation turns.",
+    "rejected": "The lowest-scored response, as conversation turns.",
+    "chosen_score": "Reward of `chosen`.",
+    "rejected_score": "Reward of `rejected`.",
+    "reward_margin": "`chosen_score - rejected_score`.",
+    "responses": "All sampled responses, in sampling order.",
+    "rewards": "The reward of each response, aligned with `responses`.",
+    "response_finish_reasons": "`stop` (the model ended its turn) or `length` (hit the token cap), per response.",
+    "response_tokens": "Length of each response in generator tokens.",
+    "instruction_tokens": "Length of the instruction in generator tokens.",
+    "prompt_tokens": "Length of the chat prompt (template + instruction) in generator tokens.",
+    "reward_inputs_truncated": "How many of the row's reward-model inputs were cut to the reward model's maximum.",
+    "gen_input_configs": "Instruction sampling: generator, revision, pre-query template, temperature, top_p, seed.",
+    "gen_response_configs": "Response sampling: generator, revision, temperature, top_p, max tokens, N, seed.",
+    "reward_model": "The reward model that scored the responses.",
+}
+
+
+def size_category(rows: int) -> str:
+    for limit, name in [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                        (10_000_000, "1M<n<10M")]:
+        if rows < limit:
+            return name
+    return "10M<n<100M"
+
+
+def describe(values) -> dict:
+    """mean, min, quartiles and max, formatted as the card prints them."""
+    values = np.asarray(values, dtype=float)
+    q = np.percentile(values, [0, 25, 50, 75, 100])
+    return {k: f"{v:.4g}" for k, v in zip(["mean", "min", "q25", "q50", "q75", "max"], [values.mean(), *q])}
+
+
+def statistics(dataset: DatasetDict) -> tuple[list[dict], dict]:
+    """The statistics table (instruction / response lengths, scores, margins) and the truncation share."""
+    rows = [row for split in dataset.values() for row in split.select_columns(
+        ["instruction_tokens", "response_tokens", "response_finish_reasons", "chosen_score", "rejected_score",
+         "reward_margin"])]
+    response_tokens = [t for row in rows for t in row["response_tokens"]]
+    reasons = [r for row in rows for r in row["response_finish_reasons"]]
+    table = [
+        {"name": "instruction tokens", **describe([r["instruction_tokens"] for r in rows])},
+        {"name": "response tokens", **describe(response_tokens)},
+        {"name": "chosen score", **describe([r["chosen_score"] for r in rows])},
+        {"name": "rejected score", **describe([r["rejected_score"] for r in rows])},
+        {"name": "reward margin", **describe([r["reward_margin"] for r in rows])},
+    ]
+    truncated = reasons.count("length")
+    return table, {"truncated_responses": truncated, "total_responses": len(reasons),
+                   "truncated_share": f"{truncated / max(1, len(reasons)):.2%}"}
+
+
+def plot_rewards(dataset: DatasetDict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = [s for split in dataset.values() for s in split["chosen_score"]]
+    rejected = [s for split in dataset.values() for s in split["rejected_score"]]
+    margins = [s for split in dataset.values() for s in split["reward_margin"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.hist(margins, bins=30, color="#4c72b0")
+    left.set(title="Reward margin (chosen - rejected)", xlabel="margin", ylabel="pairs")
+    bins = np.histogram_bin_edges(chosen + rejected, bins=30)
+    right.hist(chosen, bins=bins, alpha=0.6, label="chosen", color="#55a868")
+    right.hist(rejected, bins=bins, alpha=0.6, label="rejected", color="#c44e52")
+    right.set(title="Reward of chosen vs rejected", xlabel="reward", ylabel="pairs")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, format="png")
+    plt.close(fig)
+
+
+def public_config(config) -> dict:
+    """The build config as it may be published: no output folder, no local paths (models show their name)."""
+    values = config.to_dict()
+    values.pop("output_dir", None)
+    for key in ("generator_model", "reward_model"):
+        values[key] = public_model_name(values[key])
+    return values
+
+
+def hub_metadata(dataset: DatasetDict, card_data: DatasetCardData, download_size: int | None = None) -> None:
+    """Adds the `configs` and `dataset_info` blocks, as `datasets` writes them when it pushes."""
+    splits = SplitDict()
+    for name, split in dataset.items():
+        splits.add(SplitInfo(name=name, num_bytes=split.data.nbytes, num_examples=len(split)))
+    first = next(iter(dataset.values()))
+    info = DatasetInfo(features=first.features, splits=splits, download_size=download_size,
+                       dataset_size=sum(s.data.nbytes for s in dataset.values()))
+    DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)
+    MetadataConfigs({"default": {"data_files": [{"split": name, "path": f"data/{name}-*"} for name in dataset]}}
+                    ).to_dataset_card_data(card_data)
+
+
+def example_rows(dataset: DatasetDict, count: int = 2) -> list[str]:
+    def cut(value):
+        if isinstance(value, str):
+            return value if len(value) <= EXAMPLE_CHARS else value[:EXAMPLE_CHARS] + "…"
+        if isinstance(value, list):
+            return [cut(v) for v in value]
+        if isinstance(value, dict):
+            return {k: cut(v) for k, v in value.items()}
+        return value
+
+    train = dataset["train"]
+    return [json.dumps(cut(train[i]), indent=2, ensure_ascii=False) for i in range(min(count, len(train)))]
+
+
+def render_card(result, *, repo_id: str | None = None, metadata: dict | None = None,
+                validation_report: str | None = None) -> DatasetCard:
+    """The card of a build. `metadata` holds YAML blocks to keep (the `configs` / `dataset_info` that a push wrote);
+    without it they are computed here."""
+    config, dataset, ledger, pre_query = result.config, result.dataset, result.ledger, result.pre_query
+    total_rows = sum(len(s) for s in dataset.values())
+    card_data = DatasetCardData(
+        license=config.license, language=config.language, task_categories=["text-generation"],
+        size_categories=[size_category(total_rows)], pretty_name=config.pretty_name, tags=TAGS,
+        source_datasets=config.source_datasets or None,
+    )
+    if metadata:
+        for key in ("configs", "dataset_info"):
+            if key in metadata:
+                setattr(card_data, key, metadata[key])
+    else:
+        hub_metadata(dataset, card_data)
+    table, truncation = statistics(dataset)
+    first_row = next(iter(dataset.values()))[0]
+    stages = [{"name": s.name, "rows_in": s.rows_in, "rows_out": s.rows_out, "seconds": f"{s.seconds:.1f}",
+               "drops_text": ", ".join(f"{k}: {v}" for k, v in s.drops.items()) or "-"} for s in ledger.stages]
+    load_id = repo_id or "path/to/output_dir"
+    template = resources.files("builder").joinpath("cards").joinpath(TEMPLATE)
+    with resources.as_file(template) as template_path:
+        return DatasetCard.from_template(
+            card_data, template_path=str(template_path),
+            title=config.pretty_name or repo_id or "Magpie preference dataset",
+            generator=public_model_name(config.generator_model),
+            generator_revision=first_row["gen_input_configs"]["generator_revision"],
+            reward_model=public_model_name(config.reward_model),
+            reward_revision=result.reward_revision,
+            pre_query_escaped=table_cell(json.dumps(pre_query.text, ensure_ascii=False)[1:-1]),
+            pre_query_source=pre_query.source.replace("_", " "),
+            system_prompt=table_cell(config.system_prompt) if config.system_prompt else None,
+            implicit_prompt=config.implicit_prompt,
+            num_responses=config.num_responses,
+            instruction_temperature=config.instruction_temperature, instruction_top_p=config.instruction_top_p,
+            max_instruction_tokens=config.max_instruction_tokens,
+            response_temperature=config.response_temperature, response_top_p=config.response_top_p,
+            max_response_tokens=config.max_response_tokens, min_reward_margin=config.min_reward_margin,
+            max_prompt_tokens=config.max_prompt_tokens, seed=config.seed,
+            build_date=result.built_at, chat_template_date=config.chat_template_date, builder_version=__version__,
+            stages=stages, split_sizes={name: len(split) for name, split in dataset.items()},
+            total_rows=total_rows, statistics=table, **truncation,
+            columns=[(c, COLUMNS[c]) for c in first_row if c in COLUMNS], examples=example_rows(dataset),
+            load_id=load_id, plot_file=PLOT_FILE, config_file=CONFIG_FILE,
+            train_command=train_command(load_id), validation_report=validation_report,
+            config_yaml=yaml.safe_dump(public_config(config), sort_keys=False, allow_unicode=True),
+            cite_armorm="armorm" in config.reward_model.lower(),
+        )
+
+
+def table_cell(text: str) -> str:
+    """Text that stays inside one Markdown table cell: pipes escaped, no line breaks, no backticks."""
+    return text.replace("|", "\\|").replace("`", "'").replace("\n", "\\n")
+
+
+def train_command(dataset_id: str) -> str:
+    return ("ACCELERATE_LOG_LEVEL=info accelerate launch --config_file training/accelerate_configs/multi_gpu.yaml "
+            f"training/dpo.py --config {TRAIN_RECIPE} --dataset_name {dataset_id}")
+
+
+def build_date() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d")
