@@ -143,8 +143,7 @@ def example_rows(dataset: DatasetDict, count: int = 2) -> list[str]:
     return [json.dumps(cut(train[i]), indent=2, ensure_ascii=False) for i in range(min(count, len(train)))]
 
 
-def render_card(result, *, repo_id: str | None = None, metadata: dict | None = None,
-                validation_report: str | None = None) -> DatasetCard:
+def render_card(result, *, repo_id: str | None = None, metadata: dict | None = None) -> DatasetCard:
     """The card of a build. `metadata` holds YAML blocks to keep (the `configs` / `dataset_info` that a push wrote);
     without it they are computed here."""
     config, dataset, ledger, pre_query = result.config, result.dataset, result.ledger, result.pre_query
@@ -189,10 +188,24 @@ def render_card(result, *, repo_id: str | None = None, metadata: dict | None = N
             total_rows=total_rows, statistics=table, **truncation,
             columns=[(c, COLUMNS[c]) for c in first_row if c in COLUMNS], examples=example_rows(dataset),
             load_id=load_id, plot_file=PLOT_FILE, config_file=CONFIG_FILE,
-            train_command=train_command(load_id), validation_report=validation_report,
+            train_command=train_command(load_id),
             config_yaml=yaml.safe_dump(public_config(config), sort_keys=False, allow_unicode=True),
             cite_armorm="armorm" in config.reward_model.lower(),
         )
+
+
+VALIDATION_HEADING = "## Validation run"
+
+
+def attach_validation_report(readme: Path, report_markdown: str) -> None:
+    """Puts (or replaces) the validation report of `training/validate.py` in a card, before its build config."""
+    text = readme.read_text()
+    section = f"{VALIDATION_HEADING}\n\n{report_markdown.strip()}\n\n"
+    if VALIDATION_HEADING in text:
+        start = text.index(VALIDATION_HEADING)
+        text = text[:start] + text[text.index("## ", start + len(VALIDATION_HEADING)):]
+    anchor = text.index("## Build config")
+    readme.write_text(text[:anchor] + section + text[anchor:])
 
 
 def table_cell(text: str) -> str:
