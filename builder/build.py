@@ -1,17 +1,26 @@
-"""build(config) -> DatasetDict: every stage in order, readable top to bottom."""
+"""build(config) -> DatasetDict: every stage in order, readable top to bottom.
+
+On one process the stages run over the whole dataset (with `num_proc` workers for the model stages, one model
+each). Under `accelerate launch` / `torchrun` (WORLD_SIZE > 1, one process per GPU across nodes) every rank runs
+the model stages on its own part (`split_dataset_by_node`) and writes it to a shared folder; after a barrier the
+parts are concatenated in rank order, which gives exactly the rows of a one-process run.
+"""
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
 
 from . import stages
+from .cache import cached_batch, count_reused, stage_key
+from .card import build_date
 from .config import BuildConfig
 from .generation import SamplingParams
 from .ledger import Ledger
-from .card import build_date
-from .models import ModelSpec, generation_eos_ids, load_generator, load_reward_model, revision_of
+from .models import ModelSpec, model_info
 from .templates import PreQuery, derive_pre_query
+from .tiny import cache_root
 
 logger = logging.getLogger("magpie_builder")
 
@@ -33,30 +42,77 @@ class BuildResult:
     built_at: str
 
 
-def model_specs(config: BuildConfig) -> tuple[ModelSpec, ModelSpec]:
-    common = {"dtype": config.dtype, "device": config.device, "attn_implementation": config.attn_implementation}
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands in a multi-process run: rank, world size and the shared folder for parts."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    parts_dir: str | None = None
+    barrier: object = None
+
+    def part(self, rows: Dataset) -> Dataset:
+        if self.world_size == 1:
+            return rows
+        from datasets.distributed import split_dataset_by_node
+
+        return split_dataset_by_node(rows, rank=self.rank, world_size=self.world_size)
+
+    def gather(self, rows: Dataset, stage: str) -> Dataset:
+        """Every rank's part of a stage, in rank order, on every rank."""
+        if self.world_size == 1:
+            return rows
+        folder = Path(self.parts_dir) / stage
+        rows.save_to_disk(str(folder / f"rank-{self.rank:05d}"))
+        self.barrier()
+        return concatenate_datasets([load_from_disk(str(folder / f"rank-{r:05d}")) for r in range(self.world_size)])
+
+
+def model_specs(config: BuildConfig, ranks: Ranks = Ranks()) -> tuple[ModelSpec, ModelSpec]:
+    device = config.device
+    if ranks.world_size > 1 and device == "auto":
+        import torch
+
+        # One process per GPU across nodes: this process's GPU is its local rank.
+        device = f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
+    common = {"dtype": config.dtype, "device": device, "attn_implementation": config.attn_implementation}
     generator = ModelSpec(config.generator_model, config.generator_revision, config.generator_trust_remote_code,
-                          **common)
+                          engine=config.engine, tensor_parallel_size=config.tensor_parallel_size, **common)
     reward = ModelSpec(config.reward_model, config.reward_revision, config.reward_trust_remote_code, **common)
     return generator, reward
 
 
+def model_identity(spec: ModelSpec) -> tuple:
+    """What of a model spec changes its output (not where it runs), for the stage keys."""
+    return spec.name_or_path, spec.revision, spec.trust_remote_code, spec.dtype, spec.engine
+
+
 def pre_query_of(config: BuildConfig, generator: ModelSpec) -> PreQuery:
-    model, tokenizer = load_generator(generator)
+    info = model_info(generator, "generator")
     return derive_pre_query(
-        tokenizer, generation_eos_ids(model), model_name=generator.name_or_path, day=config.chat_template_date,
+        info.tokenizer, list(info.eos_ids), model_name=generator.name_or_path, day=config.chat_template_date,
         pre_query_template=config.pre_query_template, keep_default_system=config.keep_default_system,
         system_prompt=config.system_prompt,
     )
 
 
-def _map(dataset: Dataset, function, config: BuildConfig, desc: str, fn_kwargs: dict, batch_size: int, **kwargs):
-    """`Dataset.map` with the build's conventions: batched, a progress bar, one model per worker process."""
-    return dataset.map(
-        function, batched=True, batch_size=batch_size, with_rank=True, num_proc=config.num_proc if config.num_proc > 1
-        else None, fn_kwargs=fn_kwargs, desc=desc,
-        new_fingerprint=stages.fingerprint(dataset._fingerprint, desc, fn_kwargs, batch_size), **kwargs,
+def model_stage(rows: Dataset, function, config: BuildConfig, ranks: Ranks, desc: str, key: str, fn_kwargs: dict,
+                batch_size: int) -> Dataset:
+    """A model stage as `Dataset.map`: batched, a progress bar, one model per worker (`with_rank`), and every
+    finished batch kept for a resumed run."""
+    cache = str(Path(config.cache_dir or cache_root() / "batches")) if config.resume else None
+    rows = ranks.part(rows)
+    rows = rows.map(
+        cached_batch, batched=True, batch_size=batch_size, with_rank=True,
+        num_proc=config.num_proc if config.num_proc > 1 and len(rows) > 1 else None,
+        fn_kwargs={"function": function, "cache_root": cache, "key": key, **fn_kwargs}, desc=desc,
+        # The key says everything that changes the output; hashing the model specs is all a fingerprint needs.
+        new_fingerprint=stage_key("map", key, ranks.rank, rows._fingerprint)[-24:],
     )
+    rows = ranks.gather(rows, key)
+    count_reused(rows, desc)
+    return rows.remove_columns("cached_batch")
 
 
 def _require_rows(rows: Dataset, ledger: Ledger, stage: str, fix: str) -> None:
@@ -65,11 +121,13 @@ def _require_rows(rows: Dataset, ledger: Ledger, stage: str, fix: str) -> None:
                          "or raise num_instructions.")
 
 
-def build(config: BuildConfig) -> BuildResult:
+def build(config: BuildConfig, ranks: Ranks = Ranks()) -> BuildResult | None:
+    """Builds the dataset. Under several processes every rank works; rank 0 alone returns the result."""
     ledger = Ledger()
-    generator, reward = model_specs(config)
-    # Load both models up front, so a wrong id or a missing opt-in fails before hours of generation.
-    reward_revision = revision_of(load_reward_model(reward)[0], reward)
+    generator, reward = model_specs(config, ranks)
+    # Check both models (ids, remote-code opt-in, chat templates) before any generation; no weights load here.
+    generator_revision = model_info(generator, "generator").revision
+    reward_revision = model_info(reward, "reward").revision
     pre_query = pre_query_of(config, generator)
     logger.info("pre-query template (%s): %r", pre_query.source, pre_query.text)
 
@@ -80,21 +138,22 @@ def build(config: BuildConfig) -> BuildResult:
             tuple(pre_query.token_ids), pre_query.text,
             SamplingParams(config.instruction_temperature, config.instruction_top_p, config.max_instruction_tokens,
                            tuple(pre_query.instruction_stop_ids)),
-            config.seed,
+            config.seed, generator_revision,
         )
-        rows = _map(rows, stages.generate_instructions, config, "Generating instructions",
-                    {"generator": generator, "settings": settings}, config.generation_batch_size)
+        instruction_key = stage_key("instructions", model_identity(generator), settings)
+        rows = model_stage(rows, stages.generate_instructions, config, ranks, "Generating instructions",
+                           instruction_key, {"generator": generator, "settings": settings},
+                           config.generation_batch_size)
         record.rows_out = len(rows)
         record.tokens = sum(rows["instruction_tokens"])
 
-    # 2. Filters: empty, truncated, prompt too long, exact duplicates.
+    # 2. Filters: empty, truncated, prompt too long, exact duplicates (on the whole set, on every rank alike).
     with ledger.stage("filter", rows_in=len(rows)) as record:
         rows = rows.map(
             stages.tag_instruction, batched=True, desc="Filtering instructions",
             fn_kwargs={"generator": generator, "day": config.chat_template_date,
                        "max_prompt_tokens": config.max_prompt_tokens},
-            new_fingerprint=stages.fingerprint(rows._fingerprint, "filter", config.max_prompt_tokens,
-                                               config.chat_template_date),
+            new_fingerprint=stage_key("filter", instruction_key, config.max_prompt_tokens, config.chat_template_date),
         )
         reasons = stages.mark_duplicates(rows["instruction"], rows["drop_reason"])
         rows = rows.remove_columns("drop_reason").add_column("drop_reason", reasons)
@@ -106,10 +165,11 @@ def build(config: BuildConfig) -> BuildResult:
         settings = stages.ResponseSettings(
             SamplingParams(config.response_temperature, config.response_top_p, config.max_response_tokens,
                            tuple(pre_query.response_stop_ids)),
-            config.num_responses, config.seed,
+            config.num_responses, config.seed, generator_revision,
         )
-        rows = _map(rows, stages.generate_responses, config, "Generating responses",
-                    {"generator": generator, "settings": settings}, config.generation_batch_size)
+        response_key = stage_key("responses", model_identity(generator), settings, config.chat_template_date)
+        rows = model_stage(rows, stages.generate_responses, config, ranks, "Generating responses", response_key,
+                           {"generator": generator, "settings": settings}, config.generation_batch_size)
         rows = rows.remove_columns("prompt_token_ids")
         record.rows_out = len(rows)
         record.tokens = sum(map(sum, rows["response_tokens"]))
@@ -120,18 +180,20 @@ def build(config: BuildConfig) -> BuildResult:
     with ledger.stage("rewards", rows_in=len(rows)) as record:
         settings = stages.RewardSettings(config.reward_max_length, config.reward_batch_size,
                                          config.chat_template_date)
-        rows = _map(rows, stages.score_responses, config, "Scoring responses",
-                    {"reward": reward, "settings": settings}, config.generation_batch_size)
+        reward_key = stage_key("rewards", response_key, model_identity(reward), reward_revision, settings)
+        rows = model_stage(rows, stages.score_responses, config, ranks, "Scoring responses", reward_key,
+                           {"reward": reward, "settings": settings}, config.generation_batch_size)
         record.rows_out = len(rows)
         record.notes["reward_inputs_truncated"] = sum(rows["reward_inputs_truncated"])
+    if ranks.rank != 0:
+        return None
 
     # 5. Binarize: chosen = highest reward, rejected = lowest.
     with ledger.stage("binarize", rows_in=len(rows)) as record:
         rows = rows.map(
             stages.binarize_example, desc="Binarizing",
             fn_kwargs={"min_reward_margin": config.min_reward_margin, "implicit_prompt": config.implicit_prompt},
-            new_fingerprint=stages.fingerprint(rows._fingerprint, "binarize", config.min_reward_margin,
-                                               config.implicit_prompt),
+            new_fingerprint=stage_key("binarize", reward_key, config.min_reward_margin, config.implicit_prompt),
         )
         rows = stages.drop_tagged(rows, record)
         _require_rows(rows, ledger, "binarize", "lower min_reward_margin, or check the reward model's scores")

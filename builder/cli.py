@@ -12,7 +12,15 @@ def main(argv: list[str] | None = None) -> int:
     from .build import build
     from .publish import push_to_hub, write_folder
 
-    result = build(config)
+    ranks = distributed_ranks(config)
+    if config.num_proc > 1:
+        # CUDA cannot be used in forked workers; the datasets multi-GPU recipe spawns them.
+        import multiprocess
+
+        multiprocess.set_start_method("spawn", force=True)
+    result = build(config, ranks)
+    if result is None:  # not rank 0: its part is written, rank 0 writes the dataset
+        return 0
     print(result.ledger.summary())
     if config.output_dir:
         folder = write_folder(result, config.output_dir)
@@ -22,6 +30,28 @@ def main(argv: list[str] | None = None) -> int:
                           force=config.force_push, folder=config.output_dir)
         print(f"Dataset pushed to {url}")
     return 0
+
+
+def distributed_ranks(config):
+    """Ranks of an `accelerate launch` / `torchrun` job (WORLD_SIZE > 1), or the one-process default."""
+    import os
+    from pathlib import Path
+
+    from .build import Ranks
+    from .cache import stage_key
+    from .tiny import cache_root
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Ranks()
+    import torch
+    from accelerate import PartialState
+
+    # Without CUDA, accelerate's processes talk over gloo on the CPU only when asked to.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    run = stage_key("run", config.to_dict() | {"output_dir": None, "push_to_hub": False})
+    parts = Path(config.cache_dir or cache_root() / "batches") / "parts" / run
+    return Ranks(state.process_index, state.num_processes, state.local_process_index, str(parts),
+                 state.wait_for_everyone)
 
 
 if __name__ == "__main__":

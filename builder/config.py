@@ -62,10 +62,17 @@ class BuildConfig:
     min_reward_margin: float = _help("Drop pairs whose chosen - rejected reward is below this.", default=0.0)
     implicit_prompt: bool = _help("Write Magpie's published form: chosen/rejected are [user, assistant] and there "
                                   "is no prompt column.", default=False)
-    # Batching and processes
+    # Engine, batching, processes, resume
+    engine: str = _help("Sampling engine: transformers, or vllm (GPU only, `pip install magpie-builder[vllm]`).",
+                        default="transformers")
+    tensor_parallel_size: int = _help("GPUs per vLLM engine (e.g. 4 or 8 for a 70B generator).", default=1)
     generation_batch_size: int = _help("Prompts per generation batch (each with num_responses samples).", default=32)
     reward_batch_size: int = _help("Sequences per reward-model forward pass.", default=16)
     num_proc: int = _help("Worker processes for the model stages, one model each (one per GPU).", default=1)
+    resume: bool = _help("Keep every finished batch of the model stages and reuse it when the same build runs "
+                         "again (after a crash, say).", default=True)
+    cache_dir: str | None = _help("Where finished batches are kept; default $MAGPIE_BUILDER_CACHE/batches. Must be "
+                                  "shared by all nodes of a multi-node run.", default=None)
     # Output
     test_size: float = _help("Share of pairs in the test split (Magpie DPO: 0.02).", default=0.02)
     seed: int = _help("Seed of sampling and of the split; the same seed gives the same dataset.", default=42)
@@ -91,7 +98,7 @@ class BuildConfig:
             if not getattr(self, name):
                 fail(name, "is not set", "Give a Hub id, a local folder, or tiny:<name> (e.g. tiny:chat-llama-3.1).")
         for name in ("num_instructions", "max_instruction_tokens", "max_prompt_tokens", "max_response_tokens",
-                     "generation_batch_size", "reward_batch_size", "num_proc"):
+                     "generation_batch_size", "reward_batch_size", "num_proc", "tensor_parallel_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(name, f"is {getattr(self, name)!r}", "Use a positive integer.")
         if self.num_responses < 2:
@@ -108,6 +115,8 @@ class BuildConfig:
             fail("min_reward_margin", f"is {self.min_reward_margin}", "Use 0 or a positive margin.")
         if not 0 < self.test_size < 1:
             fail("test_size", f"is {self.test_size}", "Use a share in (0, 1), e.g. 0.02.")
+        if self.engine not in ("transformers", "vllm"):
+            fail("engine", f"is {self.engine!r}", "Use transformers or vllm.")
         if self.dtype not in DTYPES:
             fail("dtype", f"is {self.dtype!r}", f"Use one of {', '.join(DTYPES)}.")
         try:

@@ -24,6 +24,8 @@ class ModelSpec:
     device (`str`, defaults to `"auto"`): "auto" is `cuda:{rank % n_gpus}` when CUDA is there, else "cpu";
         "sharded" spreads one model over all visible GPUs (`device_map="auto"`), for models too big for one.
     attn_implementation (`str`, *optional*): "sdpa", "flash_attention_2", ...; the library's default otherwise.
+    engine (`str`, defaults to `"transformers"`): "transformers" or "vllm" (generator only).
+    tensor_parallel_size (`int`, defaults to 1): GPUs per vLLM engine (a 70B model needs several).
     """
 
     name_or_path: str
@@ -32,6 +34,8 @@ class ModelSpec:
     dtype: str = "auto"
     device: str = "auto"
     attn_implementation: str | None = None
+    engine: str = "transformers"
+    tensor_parallel_size: int = 1
 
 
 def resolve_device(spec: ModelSpec, rank: int | None):
@@ -103,6 +107,46 @@ def revision_of(model, spec: ModelSpec) -> str:
     return getattr(model.config, "_commit_hash", None) or spec.revision or "local"
 
 
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(spec.name_or_path)
+    return AutoTokenizer.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the build needs to know of a model before any weights load: the tokenizer, EOS ids, revision."""
+
+    tokenizer: object
+    eos_ids: tuple[int, ...]
+    revision: str
+
+
+def model_info(spec: ModelSpec, role: str) -> ModelInfo:
+    """Checks a model without loading its weights (the main process of a multi-GPU run holds none)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    auto_class = "AutoModelForCausalLM" if role == "generator" else "AutoModelForSequenceClassification"
+    check_remote_code(spec, auto_class, role)
+    path = resolve_model_path(spec.name_or_path)
+    config = AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    eos = config.eos_token_id
+    if role == "generator":
+        try:
+            generation_eos = GenerationConfig.from_pretrained(path, revision=spec.revision).eos_token_id
+            eos = generation_eos if generation_eos is not None else eos
+        except OSError:  # no generation_config.json: the model config's EOS is all there is
+            pass
+    eos_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    tokenizer = load_tokenizer(spec)
+    if role == "reward" and tokenizer.chat_template is None:
+        raise ValueError(f"The reward model {spec.name_or_path} has no chat template, so (instruction, response) "
+                         "pairs cannot be rendered the way it was trained. Use a reward model that ships one.")
+    return ModelInfo(tokenizer, eos_ids, getattr(config, "_commit_hash", None) or spec.revision or "local")
+
+
 def _load(spec: ModelSpec, rank: int | None, auto_class, role: str):
     from transformers import AutoTokenizer
 
@@ -139,9 +183,6 @@ def load_reward_model(spec: ModelSpec, rank: int | None = None):
     from transformers import AutoModelForSequenceClassification
 
     model, tokenizer = _load(spec, rank, AutoModelForSequenceClassification, "reward")
-    if tokenizer.chat_template is None:
-        raise ValueError(f"The reward model {spec.name_or_path} has no chat template, so (instruction, response) "
-                         "pairs cannot be rendered the way it was trained. Use a reward model that ships one.")
     if tokenizer.pad_token_id is None:
         # Llama-3 tokenizers ship without one; the score is read at the last token the attention mask marks,
         # so padding with EOS is safe.
@@ -150,15 +191,6 @@ def load_reward_model(spec: ModelSpec, rank: int | None = None):
         model.config.pad_token_id = tokenizer.pad_token_id
     tokenizer.padding_side = "right"
     return model, tokenizer
-
-
-def generation_eos_ids(model) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = model.config.eos_token_id
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)
 
 
 def torch_set_threads(count: int) -> None:

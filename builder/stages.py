@@ -11,14 +11,12 @@ import math
 import re
 import uuid as uuid_lib
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from datasets import Dataset, DatasetDict
-from datasets.fingerprint import Hasher
-
-from . import __version__
-from .generation import SamplingParams, sample
-from .models import ModelSpec, load_generator, load_reward_model, public_model_name, revision_of
+from .engines import sample_completions
+from .generation import SamplingParams
+from .models import ModelSpec, load_reward_model, load_tokenizer, public_model_name
 from .templates import bos_prefix, encode_chat_text, render_chat
 
 KEEP = ""  # drop_reason of a row that stays
@@ -35,10 +33,6 @@ def make_uuids(seed: int, count: int) -> list[str]:
                               version=4)) for i in range(count)]
 
 
-def fingerprint(parent: str, stage: str, *parts) -> str:
-    return Hasher.hash((parent, stage, __version__, parts))
-
-
 # --------------------------------------------------------------------------------------------------------------
 # 1. instructions
 
@@ -49,6 +43,7 @@ class InstructionSettings:
     pre_query_text: str
     sampling: SamplingParams
     seed: int
+    generator_revision: str
 
 
 def generate_instructions(batch: dict, rank: int | None, *, generator: ModelSpec, settings: InstructionSettings):
@@ -57,13 +52,12 @@ def generate_instructions(batch: dict, rank: int | None, *, generator: ModelSpec
     Input columns: `uuid`. Output columns: `instruction`, `instruction_finish_reason` ("stop" or "length"),
     `instruction_tokens`, `gen_input_configs`.
     """
-    model, tokenizer = load_generator(generator, rank)
     seeds = [row_seed(settings.seed, "instruction", u, 0) for u in batch["uuid"]]
     prompts = [list(settings.pre_query_ids)] * len(seeds)
-    completions = sample(model, prompts, seeds, settings.sampling, pad_token_id=_pad_id(tokenizer))
+    completions, tokenizer = sample_completions(generator, rank, prompts, seeds, settings.sampling)
     config = {
         "input_generator": public_model_name(generator.name_or_path),
-        "generator_revision": revision_of(model, generator),
+        "generator_revision": settings.generator_revision,
         "pre_query_template": settings.pre_query_text,
         "temperature": settings.sampling.temperature,
         "top_p": settings.sampling.top_p,
@@ -76,10 +70,6 @@ def generate_instructions(batch: dict, rank: int | None, *, generator: ModelSpec
         "instruction_tokens": [len(c.token_ids) for c in completions],
         "gen_input_configs": [config] * len(completions),
     }
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -98,7 +88,7 @@ def tag_instruction(batch: dict, *, generator: ModelSpec, day: str, max_prompt_t
     with the generation header, as the response stage feeds it), `prompt_tokens`, `drop_reason` ("" keeps the
     row; else "empty", "truncated" or "prompt_too_long").
     """
-    _, tokenizer = load_generator(generator)
+    tokenizer = load_tokenizer(generator)
     bos = bos_prefix(tokenizer)
     ids, reasons = [], []
     for instruction, finish_reason in zip(batch["instruction"], batch["instruction_finish_reason"]):
@@ -150,6 +140,7 @@ class ResponseSettings:
     sampling: SamplingParams
     num_responses: int
     seed: int
+    generator_revision: str
 
 
 def generate_responses(batch: dict, rank: int | None, *, generator: ModelSpec, settings: ResponseSettings):
@@ -158,14 +149,13 @@ def generate_responses(batch: dict, rank: int | None, *, generator: ModelSpec, s
     Input columns: `uuid`, `prompt_token_ids`. Output columns: `responses` (N strings), `response_finish_reasons`
     (N of "stop"/"length"), `response_tokens` (N ints), `gen_response_configs`.
     """
-    model, tokenizer = load_generator(generator, rank)
     n = settings.num_responses
     seeds = [row_seed(settings.seed, "response", u, j) for u in batch["uuid"] for j in range(n)]
-    completions = sample(model, batch["prompt_token_ids"], seeds, settings.sampling, num_samples=n,
-                         pad_token_id=_pad_id(tokenizer))
+    completions, tokenizer = sample_completions(generator, rank, batch["prompt_token_ids"], seeds,
+                                                settings.sampling, num_samples=n)
     config = {
         "output_generator": public_model_name(generator.name_or_path),
-        "generator_revision": revision_of(model, generator),
+        "generator_revision": settings.generator_revision,
         "temperature": settings.sampling.temperature,
         "top_p": settings.sampling.top_p,
         "max_tokens": settings.sampling.max_new_tokens,
@@ -327,7 +317,3 @@ def split(dataset: Dataset, test_size: float, seed: int) -> DatasetDict:
     splits = dataset.train_test_split(test_size=test_size, seed=seed)
     # Contiguous tables, so sizes (card, shard count) are the split's own and not the whole table's.
     return DatasetDict({name: split.flatten_indices() for name, split in splits.items()})
-
-
-def settings_dict(settings) -> dict:
-    return asdict(settings)

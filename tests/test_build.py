@@ -22,7 +22,8 @@ def rows(dataset_dict):
 @pytest.fixture(scope="module")
 def demo_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo")
-    assert cli_main(["--config", DEMO, "--output_dir", str(folder), "--num_instructions", "32"]) == 0
+    assert cli_main(["--config", DEMO, "--output_dir", str(folder), "--num_instructions", "32",
+                     "--resume", "false"]) == 0
     return folder
 
 

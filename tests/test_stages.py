@@ -17,7 +17,8 @@ def instruction_batch(config, count=6):
     pre_query = pre_query_of(config, generator)
     settings = stages.InstructionSettings(
         tuple(pre_query.token_ids), pre_query.text,
-        SamplingParams(1.0, 1.0, config.max_instruction_tokens, tuple(pre_query.instruction_stop_ids)), config.seed)
+        SamplingParams(1.0, 1.0, config.max_instruction_tokens, tuple(pre_query.instruction_stop_ids)), config.seed,
+        "local")
     batch = {"uuid": stages.make_uuids(config.seed, count)}
     return batch | stages.generate_instructions(batch, None, generator=generator, settings=settings)
 
@@ -54,7 +55,7 @@ def test_mark_duplicates_after_normalisation():
 
 def test_response_stage_shares_prefill_and_records_configs():
     batch = {"uuid": ["a", "b"], "prompt_token_ids": [[1016, 5, 6, 7], [1016, 9]]}
-    settings = stages.ResponseSettings(SamplingParams(0.8, 1.0, 12, (1022,)), 3, seed=1)
+    settings = stages.ResponseSettings(SamplingParams(0.8, 1.0, 12, (1022,)), 3, seed=1, generator_revision="local")
     out = stages.generate_responses(batch, None, generator=GENERATOR, settings=settings)
     assert [len(r) for r in out["responses"]] == [3, 3]
     assert all(len(r) == 3 for r in out["response_finish_reasons"] + out["response_tokens"])
