@@ -15,6 +15,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 # splitmix64 constants, as signed int64 (torch has no uint64 arithmetic; int64 multiplication wraps).
 _C1 = 0xBF58476D1CE4E5B9 - (1 << 64)
@@ -61,29 +62,88 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift_right(x, 31)
 
 
-def counter_uniform(seeds: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
-    """Uniform numbers in (0, 1), shape `[len(seeds), vocab_size]`, a pure function of (seed, step, token id)."""
-    row = splitmix64(seeds.to(torch.int64) + _wrap_int64((step + 1) * _GOLDEN))
-    tokens = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    bits = splitmix64(row[:, None] + tokens[None, :] * _C2)
+def counter_uniform(seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """One uniform number in (0, 1) per row, a pure function of (seed, step): float64, shape `[len(seeds)]`."""
+    bits = splitmix64(splitmix64(seeds.to(torch.int64) + _wrap_int64((step + 1) * _GOLDEN)))
     mantissa = _shift_right(bits, 11)  # 53 random bits
     return (mantissa.to(torch.float64) + 0.5) * (2.0**-53)
 
 
 def sample_next_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: int, params: SamplingParams) -> torch.Tensor:
-    """One token per row: Gumbel-max over the temperature-scaled, top-p-filtered logits."""
+    """One token per row by inverse-CDF sampling of the temperature-scaled, top-p-filtered distribution.
+
+    One random number per row (not one per vocabulary entry) keeps the cost of sampling far below the model's.
+    """
     logits = logits.float()
     if params.temperature == 0:
         return logits.argmax(-1)
-    logits = logits / params.temperature
+    probs = (logits / params.temperature).softmax(-1)
+    order = None
     if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        probs, order = probs.sort(-1, descending=True)
         # Keep the smallest set whose mass reaches top_p: drop a token once the mass before it already does.
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    gumbel = -torch.log(-torch.log(counter_uniform(seeds, step, logits.shape[-1]))).to(logits.dtype)
-    return (logits + gumbel).argmax(-1)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= params.top_p, 0.0)
+    cdf = probs.cumsum(-1)
+    target = counter_uniform(seeds, step).to(cdf.dtype) * cdf[:, -1]
+    index = torch.searchsorted(cdf, target[:, None]).clamp(max=probs.shape[-1] - 1)
+    return (index if order is None else order.gather(-1, index)).squeeze(-1)
+
+
+class GrowingLayer(DynamicLayer):
+    """A KV-cache layer whose keys and values live in a buffer with room for the whole generation.
+
+    `DynamicLayer` appends each step with `torch.cat`, copying the whole cache every step (more than half of a
+    decode step's time on CPU, measured); here a step writes in place and the layer hands out views.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.device, self.is_initialized = key_states.device, True
+            shape = (*key_states.shape[:2], max(self.capacity, key_states.shape[-2]), key_states.shape[-1])
+            self.key_buffer = key_states.new_empty(shape)
+            self.value_buffer = value_states.new_empty(shape[:-1] + (value_states.shape[-1],))
+        end = self.length + key_states.shape[-2]
+        if end > self.key_buffer.shape[-2]:  # past the planned capacity: grow by doubling
+            self._resize(max(end, 2 * self.key_buffer.shape[-2]))
+        self.key_buffer[..., self.length : end, :] = key_states
+        self.value_buffer[..., self.length : end, :] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
+        return self.keys, self.values
+
+    def _resize(self, size: int) -> None:
+        grown_keys = self.key_buffer.new_empty(self.key_buffer.shape[:2] + (size, self.key_buffer.shape[-1]))
+        grown_values = self.value_buffer.new_empty(self.value_buffer.shape[:2] + (size, self.value_buffer.shape[-1]))
+        grown_keys[..., : self.length, :] = self.key_buffer[..., : self.length, :]
+        grown_values[..., : self.length, :] = self.value_buffer[..., : self.length, :]
+        self.key_buffer, self.value_buffer = grown_keys, grown_values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+            self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+            self.keys, self.values = self.key_buffer[..., : self.length, :], self.value_buffer[..., : self.length, :]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self.keys, self.values = self.key_buffer[..., : self.length, :], self.value_buffer[..., : self.length, :]
+
+
+def new_cache(model, capacity: int):
+    """A DynamicCache whose full-attention layers preallocate `capacity` positions (sliding-window layers, as
+    Gemma-2 and Mistral have, keep their own type)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [GrowingLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 def _left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,14 +176,12 @@ def sample(
         num_samples (`int`, defaults to 1): completions per prompt, sampled from one shared prefill.
         pad_token_id (`int`, defaults to 0): the id used for left padding (masked out).
     """
-    from transformers import DynamicCache
-
     if len(seeds) != len(prompts) * num_samples:
         raise ValueError(f"sample() needs one seed per completion: got {len(seeds)} for {len(prompts)} x {num_samples}")
     device = model.device
     input_ids, attention_mask = _left_pad(prompts, pad_token_id, device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model, input_ids.shape[-1] + params.max_new_tokens)
     # transformers renamed `past_key_values` to `cache` in 5.x; pass whichever this model's forward takes.
     cache_kwarg = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
     out = model(
@@ -142,26 +200,26 @@ def sample(
     seed_tensor = torch.tensor(seeds, dtype=torch.int64, device=device)
     stop_ids = torch.tensor(sorted(params.stop_token_ids), device=device)
     rows = torch.arange(total, device=device)  # which completion each batch row holds
+    done = torch.zeros(total, dtype=torch.bool, device=device)  # per batch row: finished, still in the batch
     generated: list[list[int]] = [[] for _ in range(total)]
     finish = ["length"] * total
     for step in range(params.max_new_tokens):
         tokens = sample_next_tokens(logits, seed_tensor[rows], step, params)
-        stopped = torch.isin(tokens, stop_ids)
-        for row, token, is_stop in zip(rows.tolist(), tokens.tolist(), stopped.tolist()):
+        stopped = torch.isin(tokens, stop_ids) & ~done
+        for row, token, is_stop, is_done in zip(rows.tolist(), tokens.tolist(), stopped.tolist(), done.tolist()):
             if is_stop:
                 finish[row] = "stop"
-            else:
+            elif not is_done:
                 generated[row].append(token)
-        if step == params.max_new_tokens - 1:
+        done = done | stopped
+        if step == params.max_new_tokens - 1 or done.all():
             break
-        keep = ~stopped
-        if not keep.any():
-            break
-        if not keep.all():
-            # Retire finished rows: the rest decode on a smaller batch and a smaller cache.
-            index = keep.nonzero().squeeze(-1)
+        if done.sum() * 4 >= len(rows):
+            # Retire finished rows once they are a quarter of the batch: the rest decode on a smaller batch and
+            # cache. (Retiring at every finish would copy the whole cache each time.)
+            index = (~done).nonzero().squeeze(-1)
             cache.batch_select_indices(index)
-            rows, tokens = rows[index], tokens[index]
+            rows, tokens, done = rows[index], tokens[index], done[index]
             attention_mask, next_positions = attention_mask[index], next_positions[index]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=-1)
         out = model(

@@ -27,7 +27,7 @@ from pathlib import Path
 
 TINY_PREFIX = "tiny:"
 # Bump when the tiny models change, so a cache from an older version is never reused.
-TINY_VERSION = "4"
+TINY_VERSION = "6"
 LLAMA3_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -167,10 +167,15 @@ _WORDS = (
 ).split()
 
 
+_SYLLABLES = [c + v for c in "bcdfghklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
+
+
 def tokenizer_corpus(num_lines: int = 3000, seed: int = 0) -> list[str]:
-    """Deterministic pseudo-English: requests, answers, numbers, punctuation and line breaks."""
+    """Deterministic pseudo-English: requests, answers, numbers, punctuation and line breaks, plus made-up
+    words, so that BPE finds enough merges for an 8k vocabulary."""
     rng = random.Random(seed)
-    lines = []
+    lines = [" ".join("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 4))) for _ in range(12))
+             for _ in range(num_lines)]
     for _ in range(num_lines):
         words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 18))]
         if rng.random() < 0.3:
@@ -255,24 +260,32 @@ def _bias_turn_end(model, token_ids: list[int], stop_probability: float) -> None
 
     Random weights give a near-uniform next-token distribution, which would almost never pick the end-of-turn
     token. Hidden dimension 0 is pinned to a constant in the residual stream (embedding column set, every
-    residual write to it zeroed), and only the turn-end rows of the LM head read it, which adds a constant to
-    their logits: P(turn end) ~= stop_probability at every step.
+    residual write to it zeroed), and only the turn-end rows of the LM head read it, which adds a constant bias
+    to their logits. A bias alone is sharpened by a temperature below 1 (0.8 for responses) while flat logits are
+    not, which would make responses much shorter than instructions; so the other logits get a spread (std sigma)
+    that sharpens too. With sigma^2 = 0.89 * bias the stop chance is about the same at temperature 1 and 0.8:
+    about `stop_probability` per step.
     """
     import torch
 
     vocab = model.config.vocab_size
-    target_logit = math.log(stop_probability / (1 - stop_probability) * (vocab - len(token_ids)) / len(token_ids))
+    stops = torch.tensor(token_ids)
+    others = torch.ones(vocab, dtype=torch.bool)
+    others[stops] = False
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 0] = 1.0
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight[0, :] = 0.0
             layer.mlp.down_proj.weight[0, :] = 0.0
         model.lm_head.weight[:, 0] = 0.0
-        # After the final RMSNorm dimension 0 is 1 / rms of the residual, measured here on a probe input.
         probe = torch.arange(min(vocab, 64)).unsqueeze(0)
-        normed = model.model(input_ids=probe).last_hidden_state[0, :, 0].mean()
+        hidden = model.model(input_ids=probe).last_hidden_state[0]
+        bias = (math.log(stop_probability / (1 - stop_probability)) + math.log(vocab)) / 0.555
+        spread = (hidden @ model.lm_head.weight[others].T).std()
+        model.lm_head.weight[others] *= math.sqrt(0.89 * bias) / spread
+        # After the final RMSNorm dimension 0 is 1 / rms of the residual, measured on the probe.
         for token_id in token_ids:
-            model.lm_head.weight[token_id, 0] = target_logit / normed
+            model.lm_head.weight[token_id, 0] = bias / hidden[:, 0].mean()
 
 
 def build_chat_model(family_name: str, folder: Path, spec: TinyModelSpec) -> None:

@@ -22,12 +22,12 @@ def test_splitmix64_matches_the_unsigned_reference():
 
 
 def test_counter_uniform_is_uniform_and_a_pure_function():
-    seeds = torch.tensor([1, 2, 3], dtype=torch.int64)
-    u = counter_uniform(seeds, step=5, vocab_size=20000)
-    assert u.shape == (3, 20000) and bool(((u > 0) & (u < 1)).all())
-    assert abs(u.mean().item() - 0.5) < 0.01
-    assert torch.equal(u[1], counter_uniform(torch.tensor([2]), 5, 20000)[0])  # row independent of batch
-    assert not torch.equal(u, counter_uniform(seeds, 6, 20000))
+    seeds = torch.arange(20000, dtype=torch.int64)
+    u = counter_uniform(seeds, step=5)
+    assert u.shape == (20000,) and bool(((u > 0) & (u < 1)).all())
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.std().item() - 12 ** -0.5) < 0.01
+    assert torch.equal(u[7:8], counter_uniform(torch.tensor([7]), 5))  # a row does not depend on its batch
+    assert not torch.equal(u, counter_uniform(seeds, 6))
 
 
 def test_sampling_matches_the_distribution():

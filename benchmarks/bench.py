@@ -1,0 +1,256 @@
+"""Speed of the build against a naive baseline, compute utilisation, and scaling with the number of instructions.
+
+    python benchmarks/bench.py                       # both sizes, baseline comparison, scaling table
+    python benchmarks/bench.py --sizes tiny --scaling 64 256 1024 4096
+
+For each model size (tiny, and small: hidden 512, 8 layers, vocab 8k, ~29M parameters), in one process and on
+identical work (the same instructions, N responses each, the same token caps):
+- ours: `build(config)`, timed per stage by its own ledger;
+- naive: the way the public research scripts do it, one `generate` per instruction, one per response, one reward
+  call per response.
+It prints tokens/s, seconds per instruction, peak RSS, the length distributions, the our/naive ratio per stage and
+overall, and compute utilisation: model FLOPs per generated token x tokens / time, divided by the fp32 matmul
+throughput measured in the same run. Scaling runs each K in its own process (so peak RSS is that run's own).
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 10) -> float:
+    """Best fp32 matmul throughput of this process (same thread count as the build)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def flops_per_token(model) -> float:
+    """2 x the parameters a token goes through (every weight matrix; the embedding lookup is no matmul)."""
+    params = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    return 2.0 * params
+
+
+def config_for(size: str, num_instructions: int, **overrides):
+    from builder.config import BuildConfig
+
+    suffix = "" if size == "tiny" else f"@{size}"
+    values = dict(
+        generator_model=f"tiny:chat-llama-3.1{suffix}", reward_model=f"tiny:reward{suffix}",
+        num_instructions=num_instructions, max_instruction_tokens=64, max_response_tokens=128, num_responses=5,
+        generation_batch_size=32, reward_batch_size=32, test_size=0.1, seed=1, resume=False,
+    )
+    values.update(overrides)
+    return BuildConfig(**values)
+
+
+def percentiles(values) -> str:
+    import numpy as np
+
+    q = np.percentile(values, [0, 10, 50, 90, 100])
+    return " / ".join(f"{v:.0f}" for v in q)
+
+
+# ------------------------------------------------------------------------------------------------ naive baseline
+
+
+def naive_baseline(config, instructions_kept: list[str]) -> dict:
+    """One generate per instruction and per response, one reward call per response (research-script style)."""
+    import torch
+    from transformers import GenerationConfig
+
+    from builder.build import model_specs, pre_query_of
+    from builder.models import load_generator, load_reward_model
+    from builder.templates import encode_chat_text, render_chat
+
+    generator, reward = model_specs(config)
+    model, tokenizer = load_generator(generator)
+    reward_model, reward_tokenizer = load_reward_model(reward)
+    pre_query = pre_query_of(config, generator)
+    times, tokens = {}, {}
+
+    def generate(ids, temperature, cap, stop_ids):
+        gen_config = GenerationConfig(do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
+                                      max_new_tokens=cap, eos_token_id=list(stop_ids),
+                                      pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             generation_config=gen_config)
+        return out[0, len(ids):].tolist()
+
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    generated = [generate(pre_query.token_ids, config.instruction_temperature, config.max_instruction_tokens,
+                          pre_query.instruction_stop_ids) for _ in range(config.num_instructions)]
+    times["instructions"], tokens["instructions"] = time.perf_counter() - start, sum(map(len, generated))
+
+    start = time.perf_counter()
+    responses = []
+    for instruction in instructions_kept:
+        text = render_chat(tokenizer, [{"role": "user", "content": instruction}], add_generation_prompt=True,
+                           day=config.chat_template_date)
+        ids = encode_chat_text(tokenizer, text)
+        for _ in range(config.num_responses):
+            out = generate(ids, config.response_temperature, config.max_response_tokens, pre_query.response_stop_ids)
+            responses.append((instruction, tokenizer.decode(out, skip_special_tokens=True)))
+            tokens["responses"] = tokens.get("responses", 0) + len(out)
+    times["responses"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for instruction, response in responses:
+            chat = [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}]
+            ids = encode_chat_text(reward_tokenizer, render_chat(reward_tokenizer, chat, add_generation_prompt=False,
+                                                                 day=config.chat_template_date))
+            reward_model(input_ids=torch.tensor([ids]))
+    times["rewards"] = time.perf_counter() - start
+    return {"seconds": times, "tokens": tokens}
+
+
+# ------------------------------------------------------------------------------------------------ one comparison
+
+
+def compare(size: str, num_instructions: int) -> dict:
+    from builder.build import build, model_specs
+    from builder.models import load_generator
+
+    config = config_for(size, num_instructions)
+    load_generator(model_specs(config)[0])  # load (and build) the models before any timing
+    peak_before = peak_rss_mb()
+    start = time.perf_counter()
+    result = build(config)
+    ours_total = time.perf_counter() - start
+    ledger = result.ledger
+    ours = {r.name: r.seconds for r in ledger.stages}
+    rows = [row for split in result.dataset.values() for row in split]
+    kept = sorted({row["instruction"] for row in rows})
+    # The naive run answers exactly the instructions that reached the response stage.
+    filter_record = ledger.get("filter")
+    naive = naive_baseline(config, _instructions_after_filter(result, kept, filter_record))
+    naive_total = sum(naive["seconds"].values())
+    model, _ = load_generator(model_specs(config)[0])
+    gflops = matmul_gflops()
+    per_token = flops_per_token(model)
+    response_record = ledger.get("responses")
+    utilisation = response_record.tokens * per_token / response_record.seconds / (gflops * 1e9)
+    return {
+        "size": size, "instructions": num_instructions,
+        "params_millions": sum(p.numel() for p in model.parameters()) / 1e6,
+        "ours_seconds": ours, "ours_total": ours_total, "naive_seconds": naive["seconds"], "naive_total": naive_total,
+        "ours_tokens": {r.name: r.tokens for r in ledger.stages if r.tokens},
+        "naive_tokens": naive["tokens"],
+        "matmul_gflops": gflops, "flops_per_token": per_token, "response_utilisation": utilisation,
+        "instruction_lengths": percentiles([row["instruction_tokens"] for row in rows]),
+        "response_lengths": percentiles([t for row in rows for t in row["response_tokens"]]),
+        "responses_at_cap": sum(r == "length" for row in rows for r in row["response_finish_reasons"])
+        / max(1, sum(len(row["response_finish_reasons"]) for row in rows)),
+        "peak_rss_mb": max(peak_before, peak_rss_mb()),
+    }
+
+
+def _instructions_after_filter(result, kept, record) -> list[str]:
+    # Pairs dropped at binarize still had their responses generated; count them in so the work is identical.
+    n = result.ledger.get("responses").rows_in
+    return (kept * (n // max(1, len(kept)) + 1))[:n]
+
+
+def print_comparison(c: dict) -> None:
+    print(f"\n== {c['size']} model ({c['params_millions']:.1f}M parameters), {c['instructions']} instructions x 5 "
+          f"responses, caps 64/128 tokens, fp32, {os.environ.get('MAGPIE_CPU_THREADS', '1')} thread")
+    print(f"{'stage':<14}{'ours s':>9}{'naive s':>9}{'ratio':>8}{'ours tok/s':>12}{'naive tok/s':>12}")
+    for stage in ("instructions", "responses", "rewards"):
+        ours, naive = c["ours_seconds"][stage], c["naive_seconds"][stage]
+        ours_tps = c["ours_tokens"].get(stage, 0) / ours if ours else 0
+        naive_tps = c["naive_tokens"].get(stage, 0) / naive if naive else 0
+        print(f"{stage:<14}{ours:>9.2f}{naive:>9.2f}{naive / ours:>7.1f}x{ours_tps:>12.0f}{naive_tps:>12.0f}")
+    print(f"{'end to end':<14}{c['ours_total']:>9.2f}{c['naive_total']:>9.2f}{c['naive_total'] / c['ours_total']:>7.1f}x")
+    print(f"seconds per instruction: ours {c['ours_total'] / c['instructions']:.3f}, naive "
+          f"{c['naive_total'] / c['instructions']:.3f}")
+    print(f"fp32 matmul throughput measured: {c['matmul_gflops']:.1f} GFLOP/s; response stage "
+          f"{c['response_utilisation']:.0%} of it ({c['flops_per_token'] / 1e6:.1f} MFLOP per generated token)")
+    print(f"lengths (min / p10 / median / p90 / max): instructions {c['instruction_lengths']}, responses "
+          f"{c['response_lengths']}; responses at the cap {c['responses_at_cap']:.1%}")
+    print(f"peak RSS {c['peak_rss_mb']:.0f} MB")
+
+
+# ------------------------------------------------------------------------------------------------ scaling
+
+
+def scaling_run(size: str, num_instructions: int) -> dict:
+    from builder.build import build, model_specs
+    from builder.models import load_generator
+
+    config = config_for(size, num_instructions)
+    load_generator(model_specs(config)[0])
+    start = time.perf_counter()
+    build(config)
+    seconds = time.perf_counter() - start
+    return {"size": size, "k": num_instructions, "seconds": seconds, "per_instruction": seconds / num_instructions,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def scaling(size: str, ks: list[int]) -> list[dict]:
+    out = []
+    for k in ks:
+        done = subprocess.run([sys.executable, __file__, "--scaling-run", size, str(k)], capture_output=True,
+                              text=True, check=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        out.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def print_scaling(size: str, runs: list[dict]) -> None:
+    base = runs[0]["per_instruction"]
+    print(f"\n== scaling, {size} model")
+    print(f"{'K':>6}{'seconds':>10}{'s/instruction':>15}{'vs K=' + str(runs[0]['k']):>10}{'peak RSS MB':>13}")
+    for run in runs:
+        print(f"{run['k']:>6}{run['seconds']:>10.1f}{run['per_instruction']:>15.4f}"
+              f"{run['per_instruction'] / base - 1:>+10.1%}{run['peak_rss_mb']:>13.0f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--instructions", type=int, default=16, help="K of the baseline comparison")
+    parser.add_argument("--scaling", nargs="*", type=int, default=None,
+                        help="K values of the scaling table (default 64 256 1024, plus 4096 on tiny)")
+    parser.add_argument("--scaling-run", nargs=2, metavar=("SIZE", "K"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    import logging
+
+    logging.disable(logging.WARNING)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    if args.scaling_run:
+        print(json.dumps(scaling_run(args.scaling_run[0], int(args.scaling_run[1]))))
+        return
+    for size in args.sizes:
+        print_comparison(compare(size, args.instructions))
+    for size in args.sizes:
+        ks = args.scaling if args.scaling is not None else [64, 256, 1024] + ([4096] if size == "tiny" else [])
+        if ks:
+            print_scaling(size, scaling(size, ks))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The vLLM engine adapter against a stand-in that implements exactly the vLLM calls the adapter makes.
+
+vLLM needs a GPU and cannot be installed here; the stand-in checks the contract: prompts go in as token ids,
+one SamplingParams per prompt with n, temperature, top_p, max_tokens, stop_token_ids and seed, and outputs come
+back with token_ids and finish_reason.
+"""
+
+import random
+import sys
+import types
+from dataclasses import dataclass, field
+
+import pytest
+
+from builder import engines
+from builder.build import build, pre_query_of, model_specs
+from conftest import small_config
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 16
+    stop_token_ids: list = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class TokensPrompt:
+    prompt_token_ids: list
+
+
+class LLM:
+    instances: list = []
+
+    def __init__(self, model, revision=None, dtype="auto", tensor_parallel_size=1, trust_remote_code=False):
+        self.kwargs = dict(model=model, revision=revision, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                           trust_remote_code=trust_remote_code)
+        self.calls = []
+        LLM.instances.append(self)
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        assert len(prompts) == len(sampling_params)
+        self.calls.append((prompts, sampling_params))
+        outputs = []
+        for prompt, params in zip(prompts, sampling_params):
+            assert isinstance(prompt, TokensPrompt) and all(isinstance(t, int) for t in prompt.prompt_token_ids)
+            rng = random.Random(params.seed)
+            samples = []
+            for _ in range(params.n):
+                length = rng.randint(1, params.max_tokens)
+                tokens = [rng.randint(20, 400) for _ in range(length)]
+                if length < params.max_tokens:  # ended by a stop token, which vLLM keeps in token_ids
+                    tokens.append(params.stop_token_ids[0])
+                samples.append(types.SimpleNamespace(token_ids=tokens,
+                                                     finish_reason="stop" if length < params.max_tokens else "length"))
+            outputs.append(types.SimpleNamespace(outputs=samples))
+        return outputs
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    module = types.ModuleType("vllm")
+    module.LLM, module.SamplingParams, module.TokensPrompt = LLM, SamplingParams, TokensPrompt
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    LLM.instances.clear()
+    engines.load_vllm.cache_clear()
+    yield module
+    engines.load_vllm.cache_clear()
+
+
+def test_build_with_the_vllm_engine(fake_vllm):
+    config = small_config(engine="vllm", tensor_parallel_size=4, num_instructions=12, num_responses=3)
+    result = build(config)
+    (llm,) = LLM.instances  # one engine per process, reused by both generation stages
+    assert llm.kwargs["tensor_parallel_size"] == 4 and llm.kwargs["model"].endswith("chat-llama-3.1")
+    instruction_calls = [call for call in llm.calls if call[1][0].n == 1]
+    response_calls = [call for call in llm.calls if call[1][0].n == 3]
+    assert len(instruction_calls) + len(response_calls) == len(llm.calls)
+    generator, _ = model_specs(config)
+    pre_query = pre_query_of(config, generator)
+    prompts = [p for call in instruction_calls for p in call[0]]
+    params = [p for call in instruction_calls for p in call[1]]
+    assert len(prompts) == 12
+    assert [p.prompt_token_ids for p in prompts] == [pre_query.token_ids] * 12  # token-exact, one BOS
+    assert {(p.n, p.temperature, p.top_p, p.max_tokens) for p in params} == {(1, 1.0, 1.0, 64)}
+    assert all(p.stop_token_ids == pre_query.instruction_stop_ids for p in params)
+    assert len({p.seed for p in params}) == len(params)
+    response_params = [p for _, ps in response_calls for p in ps]
+    assert {(p.n, p.temperature, p.max_tokens) for p in response_params} == {(3, 0.8, 32)}
+    assert all(p.stop_token_ids == pre_query.response_stop_ids for p in response_params)
+    train = result.dataset["train"]
+    assert all(len(r) == 3 for r in train["responses"])
+    assert set(r for row in train["response_finish_reasons"] for r in row) <= {"stop", "length"}
+
+
+def test_vllm_adapter_strips_the_stop_token_and_maps_finish_reasons(fake_vllm):
+    from builder.generation import SamplingParams as Params
+
+    llm = LLM("m")
+    completions = engines.sample_vllm(llm, [[1, 2, 3]], [11, 12], Params(1.0, 1.0, 8, (999,)), num_samples=2)
+    assert len(completions) == 2
+    for c in completions:
+        assert 999 not in c.token_ids
+        assert (c.finish_reason == "length") == (len(c.token_ids) == 8)
+
+
+def test_unknown_engine_is_refused():
+    with pytest.raises(ValueError, match="`engine` is 'sglang'"):
+        small_config(engine="sglang")
