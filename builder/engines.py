@@ -65,12 +65,18 @@ def sample_vllm(llm, prompts: list[list[int]], seeds: list[int], params: Samplin
 
 
 def sample_completions(spec: ModelSpec, rank: int | None, prompts: list[list[int]], seeds: list[int],
-                       params: SamplingParams, num_samples: int = 1):
-    """(completions, tokenizer): `len(prompts) * num_samples` completions, grouped by prompt."""
+                       params: SamplingParams, num_samples: int = 1, same_prompt: bool = False):
+    """(completions, tokenizer): `len(prompts) * num_samples` completions, grouped by prompt.
+
+    `same_prompt` says every prompt is the same (the instruction stage): transformers then prefills it once for
+    the whole batch; vLLM finds the shared prefix in its own prefix cache.
+    """
     if spec.engine == "vllm":
         return sample_vllm(load_vllm(spec, rank), prompts, seeds, params, num_samples), load_tokenizer(spec)
     if spec.engine != "transformers":
         raise ValueError(f"Unknown engine {spec.engine!r}: use one of {', '.join(ENGINES)}.")
     model, tokenizer = load_generator(spec, rank)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if same_prompt and num_samples == 1:
+        prompts, num_samples = prompts[:1], len(prompts)
     return sample(model, prompts, seeds, params, num_samples=num_samples, pad_token_id=pad_id), tokenizer

@@ -14,9 +14,11 @@ from collections import Counter
 from dataclasses import dataclass
 
 from datasets import Dataset, DatasetDict
+
 from .engines import sample_completions
 from .generation import SamplingParams
 from .models import ModelSpec, load_reward_model, load_tokenizer, public_model_name
+from .scoring import score_groups
 from .templates import bos_prefix, encode_chat_text, render_chat
 
 KEEP = ""  # drop_reason of a row that stays
@@ -53,8 +55,8 @@ def generate_instructions(batch: dict, rank: int | None, *, generator: ModelSpec
     `instruction_tokens`, `gen_input_configs`.
     """
     seeds = [row_seed(settings.seed, "instruction", u, 0) for u in batch["uuid"]]
-    prompts = [list(settings.pre_query_ids)] * len(seeds)
-    completions, tokenizer = sample_completions(generator, rank, prompts, seeds, settings.sampling)
+    completions, tokenizer = sample_completions(generator, rank, [list(settings.pre_query_ids)] * len(seeds), seeds,
+                                                settings.sampling, same_prompt=True)
     config = {
         "input_generator": public_model_name(generator.name_or_path),
         "generator_revision": settings.generator_revision,
@@ -189,47 +191,6 @@ def reward_max_length(model, tokenizer, requested: int | None) -> int:
     return min(limit for limit in limits if limit)
 
 
-def reward_batches(token_ids: list[list[int]], pad_token_id: int, batch_size: int) -> list[list[int]]:
-    """Indices of `token_ids` in length-sorted batches, so padding stays small.
-
-    Sequence classifiers read the score at the last token that is not `pad_token_id`. A sequence that itself ends
-    with that id (a reward tokenizer without a pad token, padded with EOS) would be read one token early, so such
-    sequences only share a batch with others of the same length: they are never padded.
-    """
-    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-    safe = [i for i in order if token_ids[i][-1] != pad_token_id]
-    batches = [safe[s : s + batch_size] for s in range(0, len(safe), batch_size)]
-    by_length: dict[int, list[int]] = {}
-    for i in order:
-        if token_ids[i][-1] == pad_token_id:
-            by_length.setdefault(len(token_ids[i]), []).append(i)
-    for group in by_length.values():
-        batches += [group[s : s + batch_size] for s in range(0, len(group), batch_size)]
-    return batches
-
-
-def score_sequences(model, token_ids: list[list[int]], pad_token_id: int, batch_size: int) -> list[float]:
-    """One reward per sequence, scored in right-padded batches under `torch.inference_mode`."""
-    import torch
-
-    scores = [math.nan] * len(token_ids)
-    with torch.inference_mode():
-        for chunk in reward_batches(token_ids, pad_token_id, batch_size):
-            width = max(len(token_ids[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                input_ids[row, : len(token_ids[i])] = torch.tensor(token_ids[i])
-                attention_mask[row, : len(token_ids[i])] = 1
-            output = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device))
-            # ArmoRM-style custom code returns `.score`; a stock sequence classifier returns `.logits`.
-            values = output.score if getattr(output, "score", None) is not None else output.logits
-            values = values.float().reshape(len(chunk), -1)[:, 0].tolist()
-            for i, value in zip(chunk, values):
-                scores[i] = value
-    return scores
-
-
 def score_responses(batch: dict, rank: int | None, *, reward: ModelSpec, settings: RewardSettings):
     """Scores every (instruction, response) pair with the reward model, through its own chat template.
 
@@ -250,11 +211,11 @@ def score_responses(batch: dict, rank: int | None, *, reward: ModelSpec, setting
                 ids, cut = ids[:max_length], cut + 1
             sequences.append(ids)
         truncated.append(cut)
-    flat = score_sequences(model, sequences, tokenizer.pad_token_id, settings.batch_size)
     sizes = [len(r) for r in batch["responses"]]
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    groups = [sequences[s : s + n] for s, n in zip(starts, sizes)]
     return {
-        "rewards": [flat[s : s + n] for s, n in zip(starts, sizes)],
+        "rewards": score_groups(model, groups, tokenizer.pad_token_id, settings.batch_size),
         "reward_inputs_truncated": truncated,
         "reward_model": [public_model_name(reward.name_or_path)] * len(sizes),
     }

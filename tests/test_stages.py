@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from builder import stages
+from builder import scoring, stages
 from builder.build import build, model_specs, pre_query_of
 from builder.generation import SamplingParams
 from builder.models import ModelSpec, load_reward_model
@@ -88,7 +88,7 @@ def test_reward_inputs_longer_than_the_limit_are_truncated_and_counted():
 def test_padding_never_moves_the_read_position():
     # Sequences that end with the pad id (EOS used as pad) only share a batch with sequences of their length.
     token_ids = [[1, 2, 9], [1, 9], [1, 2, 3, 4], [5, 9], [1, 2]]
-    batches = stages.reward_batches(token_ids, pad_token_id=9, batch_size=8)
+    batches = scoring.reward_batches(token_ids, pad_token_id=9, batch_size=8)
     assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
     for batch in batches:
         if any(token_ids[i][-1] == 9 for i in batch):
@@ -169,3 +169,20 @@ def test_a_build_where_every_instruction_is_dropped_says_why():
     config = small_config(generator_model="tiny:chat-llama-3", max_prompt_tokens=2)
     with pytest.raises(ValueError, match="No rows survived the instruction filters.*prompt_too_long"):
         build(config)
+
+
+def test_shared_prefix_scoring_equals_whole_sequence_scoring():
+    model, tokenizer = load_reward_model(ModelSpec("tiny:reward"))
+    assert scoring.shares_prefix(model)
+    prompt = tokenizer("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWrite a poem about the sea and"
+                       " the sky<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+                       add_special_tokens=False).input_ids
+    group = [prompt + tokenizer(text + "<|eot_id|>", add_special_tokens=False).input_ids
+             for text in ("Waves.", "The sea is wide and the sky is blue.", "No", "Blue, blue, blue")]
+    shared = scoring.score_with_shared_prefix(model, group, tokenizer.pad_token_id)
+    whole = scoring.score_sequences(model, group, tokenizer.pad_token_id, batch_size=1)
+    assert shared == pytest.approx(whole, abs=1e-4)
+    assert scoring.score_groups(model, [group, group[:2]], tokenizer.pad_token_id, 8) == \
+        [pytest.approx(whole, abs=1e-4), pytest.approx(whole[:2], abs=1e-4)]
+    armo, _ = load_reward_model(ARMO)
+    assert not scoring.shares_prefix(armo)  # custom code reads its gating features off the whole input
