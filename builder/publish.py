@@ -212,9 +212,13 @@ def push_to_hub(result, repo_id: str, *, private: bool = False, revision: str | 
     DatasetCard(str(card))  # parses back, or fails here rather than on the Hub
     files = card_files(result, card)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in files.items()]
-    with_retries("Uploading the card", api.create_commit, repo_id, operations=operations, repo_type="dataset",
-                 revision=revision, commit_message="Dataset card, reward plot and build config (magpie-builder)",
-                 parent_commit=commit.oid)
+    try:
+        with_retries("Uploading the card", api.create_commit, repo_id, operations=operations, repo_type="dataset",
+                     revision=revision, commit_message="Dataset card, reward plot and build config (magpie-builder)",
+                     parent_commit=commit.oid)
+    except PushError as error:
+        raise PushError(f"The data landed in {repo_id} (commit {commit.oid}) but its card did not: {error} Push "
+                        "again to add the card; re-pushing the same dataset is safe.") from error
     if folder is not None:
         write_files(Path(folder), files)  # the local folder gets the very card the Hub has
     url = f"{constants.ENDPOINT}/datasets/{repo_id}" + (f"/tree/{revision}" if revision else "")

@@ -208,3 +208,23 @@ def test_cli_pushes_and_prints_the_url(hub, tmp_path, capsys):
 
 def test_card_renders_without_a_repo(result):
     assert 'load_dataset("path/to/output_dir")' in str(render_card(result))
+
+
+def test_a_card_commit_that_fails_says_the_data_landed(result, hub, monkeypatch):
+    from huggingface_hub import HfApi
+
+    monkeypatch.setattr("builder.publish.time.sleep", lambda seconds: None)
+    real_commit = HfApi.create_commit
+
+    def failing_card_commit(self, repo_id, operations, **kwargs):
+        if any(op.path_in_repo == "README.md" for op in operations) and "card" in kwargs["commit_message"]:
+            hub.fail_always()
+        return real_commit(self, repo_id, operations, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_commit", failing_card_commit)
+    with pytest.raises(PushError, match="data landed in alice/tiny-dpo .* but its card did not"):
+        push_to_hub(result, "alice/tiny-dpo")
+    hub.recover()
+    monkeypatch.setattr(HfApi, "create_commit", real_commit)
+    push_to_hub(result, "alice/tiny-dpo")
+    assert PLOT_FILE in hub.files("alice/tiny-dpo")
