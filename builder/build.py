@@ -66,7 +66,9 @@ class Ranks:
         folder = Path(self.parts_dir) / stage
         rows.save_to_disk(str(folder / f"rank-{self.rank:05d}"))
         self.barrier()
-        return concatenate_datasets([load_from_disk(str(folder / f"rank-{r:05d}")) for r in range(self.world_size)])
+        parts = [load_from_disk(str(folder / f"rank-{r:05d}")) for r in range(self.world_size)]
+        # A rank with no rows (more ranks than rows) mapped nothing and has none of the new columns.
+        return concatenate_datasets([part for part in parts if len(part)])
 
 
 def model_specs(config: BuildConfig, ranks: Ranks = Ranks()) -> tuple[ModelSpec, ModelSpec]:
