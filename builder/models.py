@@ -126,12 +126,19 @@ class ModelInfo:
 
 def model_info(spec: ModelSpec, role: str) -> ModelInfo:
     """Checks a model without loading its weights (the main process of a multi-GPU run holds none)."""
+    from huggingface_hub.utils import HFValidationError
     from transformers import AutoConfig, GenerationConfig
 
     auto_class = "AutoModelForCausalLM" if role == "generator" else "AutoModelForSequenceClassification"
-    check_remote_code(spec, auto_class, role)
-    path = resolve_model_path(spec.name_or_path)
-    config = AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    try:
+        check_remote_code(spec, auto_class, role)
+        path = resolve_model_path(spec.name_or_path)
+        config = AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except (OSError, HFValidationError) as error:  # a missing folder, a malformed or unknown Hub id, no network
+        raise ValueError(
+            f"Cannot load the {role} model {spec.name_or_path!r} ({type(error).__name__}: {error}). Set "
+            f"`{role}_model` to a Hub id, a local model folder, or tiny:<name> (e.g. tiny:chat-llama-3.1)."
+        ) from error
     eos = config.eos_token_id
     if role == "generator":
         try:

@@ -186,3 +186,11 @@ def test_cli_help_lists_the_fields(capsys):
     out = capsys.readouterr().out
     for flag in ("--generator_model", "--num_responses", "--keep_default_system", "--push_to_hub"):
         assert flag in out
+
+
+@pytest.mark.parametrize("field", ["generator_model", "reward_model"])
+def test_a_model_that_cannot_be_found_is_a_clear_error(field, tmp_path):
+    with pytest.raises(ValueError, match=f"Cannot load the {field.split('_')[0]} model .*Set `{field}`"):
+        build(small_config(**{field: str(tmp_path / "no-such-model")}))
+    with pytest.raises(ValueError, match="Unknown tiny model 'tiny:chat-llama-9'"):
+        build(small_config(generator_model="tiny:chat-llama-9"))
