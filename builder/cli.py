@@ -21,7 +21,6 @@ def main(argv: list[str] | None = None) -> int:
     result = build(config, ranks)
     if result is None:  # not rank 0: its part is written, rank 0 writes the dataset
         return 0
-    print(result.ledger.summary())
     if config.output_dir:
         folder = write_folder(result, config.output_dir)
         print(f"Dataset written to {folder}")
