@@ -148,8 +148,7 @@ def compare(size: str, num_instructions: int) -> dict:
     rows = [row for split in result.dataset.values() for row in split]
     kept = sorted({row["instruction"] for row in rows})
     # The naive run answers exactly the instructions that reached the response stage.
-    filter_record = ledger.get("filter")
-    naive = naive_baseline(config, _instructions_after_filter(result, kept, filter_record))
+    naive = naive_baseline(config, _instructions_after_filter(result, kept))
     naive_total = sum(naive["seconds"].values())
     model, _ = load_generator(model_specs(config)[0])
     gflops = matmul_gflops()
@@ -171,7 +170,7 @@ def compare(size: str, num_instructions: int) -> dict:
     }
 
 
-def _instructions_after_filter(result, kept, record) -> list[str]:
+def _instructions_after_filter(result, kept) -> list[str]:
     # Pairs dropped at binarize still had their responses generated; count them in so the work is identical.
     n = result.ledger.get("responses").rows_in
     return (kept * (n // max(1, len(kept)) + 1))[:n]

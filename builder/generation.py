@@ -138,6 +138,13 @@ class GrowingLayer(DynamicLayer):
             self.keys, self.values = self.key_buffer[..., : self.length, :], self.value_buffer[..., : self.length, :]
 
 
+def cache_argument(model, cache) -> dict:
+    """`{"cache": cache}` or `{"past_key_values": cache}`: transformers renamed the argument in 5.x, and models
+    with their own code may still take the old name."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 def new_cache(model, capacity: int):
     """A DynamicCache whose full-attention layers preallocate `capacity` positions (sliding-window layers, as
     Gemma-2 and Mistral have, keep their own type)."""
@@ -182,8 +189,7 @@ def sample(
     input_ids, attention_mask = _left_pad(prompts, pad_token_id, device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     cache = new_cache(model, input_ids.shape[-1] + params.max_new_tokens)
-    # transformers renamed `past_key_values` to `cache` in 5.x; pass whichever this model's forward takes.
-    cache_kwarg = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    cache_kwarg = cache_argument(model, cache)
     out = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
         use_cache=True, logits_to_keep=1, **cache_kwarg,

@@ -102,11 +102,6 @@ def public_model_name(name_or_path: str) -> str:
     return name_or_path
 
 
-def revision_of(model, spec: ModelSpec) -> str:
-    """The commit the weights came from (Hub), else the requested revision, else "local"."""
-    return getattr(model.config, "_commit_hash", None) or spec.revision or "local"
-
-
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
@@ -155,7 +150,7 @@ def model_info(spec: ModelSpec, role: str) -> ModelInfo:
 
 
 def _load(spec: ModelSpec, rank: int | None, auto_class, role: str):
-    from transformers import AutoTokenizer
+    import torch
 
     check_remote_code(spec, auto_class.__name__, role)
     path = resolve_model_path(spec.name_or_path)
@@ -163,8 +158,8 @@ def _load(spec: ModelSpec, rank: int | None, auto_class, role: str):
     if device is not None and device.type == "cpu":
         # One torch thread per process on CPU is faster and much steadier than several on few cores; raise it
         # with MAGPIE_CPU_THREADS, or run num_proc workers.
-        torch_set_threads(int(os.environ.get("MAGPIE_CPU_THREADS", "1")))
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        torch.set_num_threads(int(os.environ.get("MAGPIE_CPU_THREADS", "1")))
+    tokenizer = load_tokenizer(spec)  # the one `model_info` already loaded in this process
     model = auto_class.from_pretrained(
         path, revision=spec.revision, trust_remote_code=spec.trust_remote_code, dtype=resolve_dtype(spec, device),
         attn_implementation=spec.attn_implementation, device_map="auto" if device is None else None,
@@ -191,16 +186,10 @@ def load_reward_model(spec: ModelSpec, rank: int | None = None):
 
     model, tokenizer = _load(spec, rank, AutoModelForSequenceClassification, "reward")
     if tokenizer.pad_token_id is None:
-        # Llama-3 tokenizers ship without one; the score is read at the last token the attention mask marks,
-        # so padding with EOS is safe.
+        # Llama-3 tokenizers ship without one. Sequences that end with EOS are then never padded
+        # (`scoring.reward_batches`), so the classifier still reads their last token.
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     tokenizer.padding_side = "right"
     return model, tokenizer
-
-
-def torch_set_threads(count: int) -> None:
-    import torch
-
-    torch.set_num_threads(count)

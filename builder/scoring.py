@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .generation import new_cache
+from .generation import cache_argument, new_cache
 
 MIN_SHARED_PREFIX = 8  # below this, one batched pass over whole sequences is cheaper than two passes
 
@@ -81,7 +81,7 @@ def score_with_shared_prefix(model, group: list[list[int]], pad_token_id: int) -
     suffixes = [s[prefix_length:] for s in group]
     width = max(len(s) for s in suffixes)
     cache = new_cache(model, prefix_length + width)
-    cache_kwarg = {"cache" if "cache" in _forward_parameters(model) else "past_key_values": cache}
+    cache_kwarg = cache_argument(model, cache)
     device = model.device
     model(input_ids=torch.tensor([group[0][:prefix_length]], device=device), use_cache=True, **cache_kwarg)
     cache.batch_repeat_interleave(len(group))
@@ -95,12 +95,6 @@ def score_with_shared_prefix(model, group: list[list[int]], pad_token_id: int) -
     output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                    position_ids=position_ids.to(device), use_cache=True, **cache_kwarg)
     return _read_scores(output, len(group))
-
-
-def _forward_parameters(model) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(model.forward).parameters)
 
 
 def score_groups(model, groups: list[list[list[int]]], pad_token_id: int, batch_size: int) -> list[list[float]]:
