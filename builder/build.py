@@ -144,8 +144,8 @@ def build(config: BuildConfig, ranks: Ranks = Ranks()) -> BuildResult | None:
         )
         instruction_key = stage_key("instructions", model_identity(generator), settings)
         rows = model_stage(rows, stages.generate_instructions, config, ranks, "Generating instructions",
-                           instruction_key, {"generator": generator, "settings": settings},
-                           config.generation_batch_size)
+                           instruction_key, {"generator": generator, "settings": settings,
+                                             "max_batch_size": config.generation_batch_size}, config.shard_size)
         record.rows_out = len(rows)
         record.tokens = sum(rows["instruction_tokens"])
 
@@ -171,7 +171,8 @@ def build(config: BuildConfig, ranks: Ranks = Ranks()) -> BuildResult | None:
         )
         response_key = stage_key("responses", model_identity(generator), settings, config.chat_template_date)
         rows = model_stage(rows, stages.generate_responses, config, ranks, "Generating responses", response_key,
-                           {"generator": generator, "settings": settings}, config.generation_batch_size)
+                           {"generator": generator, "settings": settings,
+                            "max_batch_size": config.generation_batch_size}, config.shard_size)
         rows = rows.remove_columns("prompt_token_ids")
         record.rows_out = len(rows)
         record.tokens = sum(map(sum, rows["response_tokens"]))
@@ -184,7 +185,7 @@ def build(config: BuildConfig, ranks: Ranks = Ranks()) -> BuildResult | None:
                                          config.chat_template_date)
         reward_key = stage_key("rewards", response_key, model_identity(reward), reward_revision, settings)
         rows = model_stage(rows, stages.score_responses, config, ranks, "Scoring responses", reward_key,
-                           {"reward": reward, "settings": settings}, config.generation_batch_size)
+                           {"reward": reward, "settings": settings}, config.shard_size)
         record.rows_out = len(rows)
         record.notes["reward_inputs_truncated"] = sum(rows["reward_inputs_truncated"])
     if ranks.rank != 0:

@@ -66,7 +66,11 @@ class BuildConfig:
     engine: str = _help("Sampling engine: transformers, or vllm (GPU only, `pip install magpie-builder[vllm]`).",
                         default="transformers")
     tensor_parallel_size: int = _help("GPUs per vLLM engine (e.g. 4 or 8 for a 70B generator).", default=1)
-    generation_batch_size: int = _help("Prompts per generation batch (each with num_responses samples).", default=32)
+    shard_size: int = _help("Instructions per `Dataset.map` batch of the model stages: one generation queue, and the "
+                            "unit of resume (a crash redoes only unfinished shards).", default=256)
+    generation_batch_size: int = _help("Sequences sampled together by the transformers engine (continuous batching: a "
+                                       "finished one's row goes to the next waiting one). KV memory grows with it.",
+                                       default=64)
     reward_batch_size: int = _help("Sequences per reward-model forward pass.", default=16)
     num_proc: int = _help("Worker processes for the model stages, one model each (one per GPU).", default=1)
     resume: bool = _help("Keep every finished batch of the model stages and reuse it when the same build runs "
@@ -98,7 +102,7 @@ class BuildConfig:
             if not getattr(self, name):
                 fail(name, "is not set", "Give a Hub id, a local folder, or tiny:<name> (e.g. tiny:chat-llama-3.1).")
         for name in ("num_instructions", "max_instruction_tokens", "max_prompt_tokens", "max_response_tokens",
-                     "generation_batch_size", "reward_batch_size", "num_proc", "tensor_parallel_size"):
+                     "shard_size", "generation_batch_size", "reward_batch_size", "num_proc", "tensor_parallel_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(name, f"is {getattr(self, name)!r}", "Use a positive integer.")
         if self.num_responses < 2:

@@ -65,11 +65,13 @@ def sample_vllm(llm, prompts: list[list[int]], seeds: list[int], params: Samplin
 
 
 def sample_completions(spec: ModelSpec, rank: int | None, prompts: list[list[int]], seeds: list[int],
-                       params: SamplingParams, num_samples: int = 1, same_prompt: bool = False):
+                       params: SamplingParams, num_samples: int = 1, same_prompt: bool = False,
+                       max_batch_size: int = 64):
     """(completions, tokenizer): `len(prompts) * num_samples` completions, grouped by prompt.
 
-    `same_prompt` says every prompt is the same (the instruction stage): transformers then prefills it once for
-    the whole batch; vLLM finds the shared prefix in its own prefix cache.
+    `same_prompt` says every prompt is the same (the instruction stage): transformers then prefills it once per
+    refill; vLLM finds the shared prefix in its own prefix cache. `max_batch_size` is the transformers engine's
+    continuous batch (vLLM schedules its own).
     """
     if spec.engine == "vllm":
         return sample_vllm(load_vllm(spec, rank), prompts, seeds, params, num_samples), load_tokenizer(spec)
@@ -79,4 +81,6 @@ def sample_completions(spec: ModelSpec, rank: int | None, prompts: list[list[int
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if same_prompt and num_samples == 1:
         prompts, num_samples = prompts[:1], len(prompts)
-    return sample(model, prompts, seeds, params, num_samples=num_samples, pad_token_id=pad_id), tokenizer
+    completions = sample(model, prompts, seeds, params, num_samples=num_samples, pad_token_id=pad_id,
+                         max_batch_size=max_batch_size)
+    return completions, tokenizer

@@ -62,14 +62,22 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift_right(x, 31)
 
 
-def counter_uniform(seeds: torch.Tensor, step: int) -> torch.Tensor:
-    """One uniform number in (0, 1) per row, a pure function of (seed, step): float64, shape `[len(seeds)]`."""
-    bits = splitmix64(splitmix64(seeds.to(torch.int64) + _wrap_int64((step + 1) * _GOLDEN)))
+def counter_uniform(seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    """One uniform number in (0, 1) per row, a pure function of (seed, step): float64, shape `[len(seeds)]`.
+
+    `step` is one int for every row, or one per row (rows of a continuous batch are at different steps).
+    """
+    if isinstance(step, torch.Tensor):
+        offset = (step.to(device=seeds.device, dtype=torch.int64) + 1) * _GOLDEN  # int64 multiplication wraps
+    else:
+        offset = _wrap_int64((step + 1) * _GOLDEN)
+    bits = splitmix64(splitmix64(seeds.to(torch.int64) + offset))
     mantissa = _shift_right(bits, 11)  # 53 random bits
     return (mantissa.to(torch.float64) + 0.5) * (2.0**-53)
 
 
-def sample_next_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: int, params: SamplingParams) -> torch.Tensor:
+def sample_next_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: int | torch.Tensor,
+                       params: SamplingParams) -> torch.Tensor:
     """One token per row by inverse-CDF sampling of the temperature-scaled, top-p-filtered distribution.
 
     One random number per row (not one per vocabulary entry) keeps the cost of sampling far below the model's.
@@ -90,15 +98,17 @@ def sample_next_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: int, par
 
 
 class GrowingLayer(DynamicLayer):
-    """A KV-cache layer whose keys and values live in a buffer with room for the whole generation.
+    """A KV-cache layer whose keys and values live in a buffer with room for the whole prompt.
 
-    `DynamicLayer` appends each step with `torch.cat`, copying the whole cache every step (more than half of a
-    decode step's time on CPU, measured); here a step writes in place and the layer hands out views.
+    `DynamicLayer` appends with `torch.cat`, copying the whole cache every step (more than half of a decode step's
+    time on CPU, measured); here a forward writes in place and the layer hands out views. Sliding-window layers
+    keep every position too: the sliding mask, built from positions, hides the old ones.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, is_sliding: bool = False):
         super().__init__()
         self.capacity = capacity
+        self.is_sliding = is_sliding
         self.length = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -108,20 +118,13 @@ class GrowingLayer(DynamicLayer):
             self.key_buffer = key_states.new_empty(shape)
             self.value_buffer = value_states.new_empty(shape[:-1] + (value_states.shape[-1],))
         end = self.length + key_states.shape[-2]
-        if end > self.key_buffer.shape[-2]:  # past the planned capacity: grow by doubling
-            self._resize(max(end, 2 * self.key_buffer.shape[-2]))
+        if end > self.key_buffer.shape[-2]:
+            raise RuntimeError(f"GrowingLayer of capacity {self.key_buffer.shape[-2]} cannot take {end} positions")
         self.key_buffer[..., self.length : end, :] = key_states
         self.value_buffer[..., self.length : end, :] = value_states
         self.length = end
         self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
         return self.keys, self.values
-
-    def _resize(self, size: int) -> None:
-        grown_keys = self.key_buffer.new_empty(self.key_buffer.shape[:2] + (size, self.key_buffer.shape[-1]))
-        grown_values = self.value_buffer.new_empty(self.value_buffer.shape[:2] + (size, self.value_buffer.shape[-1]))
-        grown_keys[..., : self.length, :] = self.key_buffer[..., : self.length, :]
-        grown_values[..., : self.length, :] = self.value_buffer[..., : self.length, :]
-        self.key_buffer, self.value_buffer = grown_keys, grown_values
 
     def get_seq_length(self) -> int:
         return self.length
@@ -132,11 +135,6 @@ class GrowingLayer(DynamicLayer):
             self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
             self.keys, self.values = self.key_buffer[..., : self.length, :], self.value_buffer[..., : self.length, :]
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
-            self.keys, self.values = self.key_buffer[..., : self.length, :], self.value_buffer[..., : self.length, :]
-
 
 def cache_argument(model, cache) -> dict:
     """`{"cache": cache}` or `{"past_key_values": cache}`: transformers renamed the argument in 5.x, and models
@@ -145,11 +143,21 @@ def cache_argument(model, cache) -> dict:
     return {name: cache}
 
 
-def new_cache(model, capacity: int):
-    """A DynamicCache whose full-attention layers preallocate `capacity` positions (sliding-window layers, as
-    Gemma-2 and Mistral have, keep their own type)."""
+def _attention_layers_sliding(model) -> list[bool]:
+    """Per layer: is it a sliding-window attention layer. Raises for layers that are not attention (Mamba/SSM
+    hybrids), which these caches cannot hold."""
+    layers = DynamicCache(config=model.config).layers
+    unsupported = {type(layer).__name__ for layer in layers if not isinstance(layer, DynamicLayer)}
+    if unsupported:
+        raise ValueError(f"The transformers engine caches attention layers only; {type(model).__name__} has "
+                         f"{', '.join(sorted(unsupported))}. Use `engine: vllm` for this model.")
+    return [bool(getattr(layer, "is_sliding", False)) for layer in layers]
+
+
+def new_cache(model, capacity: int) -> DynamicCache:
+    """A DynamicCache of `GrowingLayer`s with room for `capacity` positions."""
     cache = DynamicCache(config=model.config)
-    cache.layers = [GrowingLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [GrowingLayer(capacity, sliding) for sliding in _attention_layers_sliding(model)]
     return cache
 
 
@@ -163,6 +171,122 @@ def _left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torc
     return input_ids.to(device), attention_mask.to(device)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Continuous batching
+
+
+class SlotLayer(DynamicLayer):
+    """One layer's keys and values for the rows of a continuous batch: a buffer `[rows, heads, columns, dim]`.
+
+    The owning `SlotCache` decides which rows and columns a forward sees; a decode step writes one column.
+    """
+
+    def __init__(self, is_sliding: bool):
+        super().__init__()
+        self.is_sliding = is_sliding
+        self.batch, self.first, self.length = 0, 0, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[: self.batch, :, self.length : end] = key_states
+        self.value_buffer[: self.batch, :, self.length : end] = value_states
+        self.length = end
+        return self.key_buffer[: self.batch, :, self.first : end], self.value_buffer[: self.batch, :, self.first : end]
+
+    def get_seq_length(self) -> int:
+        return self.length - self.first
+
+
+class SlotCache(DynamicCache):
+    """The KV cache of a continuous batch: `rows` sequences that come and go.
+
+    Every sequence's tokens sit in consecutive columns that end at the shared write column `length`; a new
+    sequence takes a finished one's row with its prompt right-aligned there, and columns left of it are masked.
+    So left padding is just masked columns, and column distance is token distance, which is what causal and
+    sliding-window masks count (positions are passed explicitly, so rotary embeddings never see columns). A
+    forward sees columns `[first, length)`: `first` is the oldest live sequence's first column.
+
+    A sequence spans at most `longest_prompt + max_new_tokens` columns; the buffers hold half as many again, and
+    when the write column reaches the end, the dead columns on the left are dropped (one copy per `slack` steps).
+    """
+
+    def __init__(self, model, rows: int, longest_prompt: int, max_new_tokens: int):
+        super().__init__(config=model.config)
+        self.layers = [SlotLayer(sliding) for sliding in _attention_layers_sliding(model)]
+        span = longest_prompt + max_new_tokens
+        self.rows, self.columns, self.longest_prompt = rows, span + max(16, span // 2), longest_prompt
+        self.mask = torch.zeros((rows, self.columns), dtype=torch.bool, device=model.device)
+        self.starts = [0] * rows  # per row: the column its prompt starts at
+        self.allocated = False
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def fill_rows(self, rows: torch.Tensor, source: DynamicCache, source_rows: torch.Tensor, width: int,
+                  prompt_lengths: torch.Tensor) -> None:
+        """Copies prefilled prompts (left-padded to `width` in `source`) into `rows`, ending at the write column."""
+        if not self.allocated:
+            for layer, prefilled in zip(self.layers, source.layers):
+                like = prefilled.key_buffer
+                # Uninitialised: every column a forward reads is written first (below, or by a decode step).
+                layer.key_buffer = like.new_empty((self.rows, like.shape[1], self.columns, like.shape[-1]))
+                layer.value_buffer = torch.empty_like(layer.key_buffer)
+                layer.device, layer.is_initialized, layer.length = like.device, True, self.longest_prompt
+            self.allocated = True
+        length = self.length
+        start = length - width
+        for layer, prefilled in zip(self.layers, source.layers):
+            for name in ("key_buffer", "value_buffer"):
+                buffer = getattr(layer, name)
+                # Masked columns still enter attention as 0 x value, and 0 x NaN is NaN: no stale garbage there.
+                buffer[rows, :, :start] = 0
+                buffer[rows, :, start:length] = getattr(prefilled, name)[source_rows, :, :width]
+        columns = torch.arange(self.columns, device=self.mask.device)
+        self.mask[rows] = (columns >= length - prompt_lengths[:, None]) & (columns < length)
+        for row, prompt_length in zip(rows.tolist(), prompt_lengths.tolist()):
+            self.starts[row] = length - prompt_length
+
+    def reserve_column(self, live_rows: list[int]) -> None:
+        """Before a decode step: `first` moves to the oldest live row's first column, and the write column is free."""
+        first = min(self.starts[r] for r in live_rows)
+        length = self.length
+        if length == self.columns:
+            # Drop the dead columns on the left; the write column stays at or past the longest prompt, so any
+            # waiting prompt still fits to its left.
+            new_length = max(length - first, self.longest_prompt)
+            offset = new_length - (length - first)
+            for layer in self.layers:
+                layer.key_buffer[:, :, offset:new_length] = layer.key_buffer[:, :, first:length].clone()
+                layer.value_buffer[:, :, offset:new_length] = layer.value_buffer[:, :, first:length].clone()
+                layer.length = new_length
+            self.mask[:, offset:new_length] = self.mask[:, first:length].clone()
+            self.starts = [start - first + offset for start in self.starts]
+            first = offset
+        for layer in self.layers:
+            layer.first = first
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Moves `rows` to the front (retiring the others) and sets the batch to them."""
+        first, length = min(self.starts[r] for r in rows.tolist()), self.length
+        for layer in self.layers:
+            layer.key_buffer[: len(rows), :, first:length] = layer.key_buffer[rows, :, first:length]
+            layer.value_buffer[: len(rows), :, first:length] = layer.value_buffer[rows, :, first:length]
+        self.mask[: len(rows)] = self.mask[rows]
+        self.starts[: len(rows)] = [self.starts[r] for r in rows.tolist()]
+        self.set_batch(len(rows))
+
+    def set_batch(self, batch: int) -> None:
+        for layer in self.layers:
+            layer.batch = batch
+
+    def decode_mask(self) -> torch.Tensor:
+        """Opens the write column for every row and returns the 2D mask of the next decode step."""
+        batch, first, length = self.layers[0].batch, self.layers[0].first, self.length
+        self.mask[:batch, length] = True
+        return self.mask[:batch, first : length + 1]
+
+
 @torch.inference_mode()
 def sample(
     model,
@@ -172,66 +296,106 @@ def sample(
     *,
     num_samples: int = 1,
     pad_token_id: int = 0,
+    max_batch_size: int = 64,
 ) -> list[Completion]:
     """Samples `num_samples` completions of every prompt, `len(prompts) * num_samples` in all, grouped by prompt.
+
+    Continuous batching: up to `max_batch_size` sequences decode together; when enough have finished, waiting
+    completions take their rows (their prompts prefilled together, once per distinct prompt, the N samples of a
+    prompt sharing that prefill), so the batch stays full until the queue runs dry. Then finished rows are retired
+    once they are a quarter of the batch (retiring at every finish would copy the whole cache each time).
 
     Args:
         model: a causal LM (`AutoModelForCausalLM`), on its device.
         prompts (`list[list[int]]`): token ids, unpadded.
         seeds (`list[int]`): one int64 seed per completion, in output order.
         params (`SamplingParams`): temperature, top_p, token cap and stop ids.
-        num_samples (`int`, defaults to 1): completions per prompt, sampled from one shared prefill.
+        num_samples (`int`, defaults to 1): completions per prompt.
         pad_token_id (`int`, defaults to 0): the id used for left padding (masked out).
+        max_batch_size (`int`, defaults to 64): sequences decoded together.
     """
-    if len(seeds) != len(prompts) * num_samples:
-        raise ValueError(f"sample() needs one seed per completion: got {len(seeds)} for {len(prompts)} x {num_samples}")
-    device = model.device
-    input_ids, attention_mask = _left_pad(prompts, pad_token_id, device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = new_cache(model, input_ids.shape[-1] + params.max_new_tokens)
-    cache_kwarg = cache_argument(model, cache)
-    out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        use_cache=True, logits_to_keep=1, **cache_kwarg,
-    )
-    logits = out.logits[:, -1, :]
-    next_positions = position_ids[:, -1] + 1
-    if num_samples > 1:
-        cache.batch_repeat_interleave(num_samples)
-        logits = logits.repeat_interleave(num_samples, dim=0)
-        attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
-        next_positions = next_positions.repeat_interleave(num_samples, dim=0)
-
     total = len(seeds)
-    seed_tensor = torch.tensor(seeds, dtype=torch.int64, device=device)
-    stop_ids = torch.tensor(sorted(params.stop_token_ids), device=device)
-    rows = torch.arange(total, device=device)  # which completion each batch row holds
-    done = torch.zeros(total, dtype=torch.bool, device=device)  # per batch row: finished, still in the batch
+    if total != len(prompts) * num_samples:
+        raise ValueError(f"sample() needs one seed per completion: got {total} for {len(prompts)} x {num_samples}")
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
     generated: list[list[int]] = [[] for _ in range(total)]
     finish = ["length"] * total
-    for step in range(params.max_new_tokens):
-        tokens = sample_next_tokens(logits, seed_tensor[rows], step, params)
-        stopped = torch.isin(tokens, stop_ids) & ~done
-        for row, token, is_stop, is_done in zip(rows.tolist(), tokens.tolist(), stopped.tolist(), done.tolist()):
-            if is_stop:
-                finish[row] = "stop"
-            elif not is_done:
-                generated[row].append(token)
-        done = done | stopped
-        if step == params.max_new_tokens - 1 or done.all():
+    if total == 0 or params.max_new_tokens < 1:
+        return [Completion(ids, reason) for ids, reason in zip(generated, finish)]
+
+    device = model.device
+    rows = min(max_batch_size, total)
+    cache = SlotCache(model, rows, max(map(len, prompts)), params.max_new_tokens)
+    cache_kwarg = cache_argument(model, cache)
+    seed_tensor = torch.tensor(seeds, dtype=torch.int64, device=device)
+    stop_ids = torch.tensor(sorted(params.stop_token_ids), dtype=torch.long, device=device)
+    waiting = list(range(total - 1, -1, -1))  # a stack of completion indices, next one last
+    holder: list[int | None] = [None] * rows  # the completion each batch row holds; None = free
+    next_tokens = torch.zeros(rows, dtype=torch.long, device=device)
+    positions = torch.zeros(rows, dtype=torch.long, device=device)
+    batch = 0  # rows [0, batch) go through the model
+
+    def take_tokens(batch_rows: list[int], logits: torch.Tensor) -> None:
+        """Samples the next token of each of `batch_rows` and files it; finished rows are freed."""
+        held = [holder[r] for r in batch_rows]
+        steps = torch.tensor([len(generated[c]) for c in held], device=device)
+        tokens = sample_next_tokens(logits, seed_tensor[held], steps, params)
+        next_tokens[batch_rows] = tokens
+        for row, completion, token, stopped in zip(batch_rows, held, tokens.tolist(),
+                                                   torch.isin(tokens, stop_ids).tolist()):
+            if stopped:
+                finish[completion], holder[row] = "stop", None
+            else:
+                generated[completion].append(token)
+                if len(generated[completion]) == params.max_new_tokens:
+                    holder[row] = None
+
+    def admit() -> None:
+        """Gives free rows to waiting completions: their prompts prefilled once each, their first tokens sampled."""
+        nonlocal batch
+        free = [r for r in range(rows) if holder[r] is None]
+        taken = [waiting.pop() for _ in range(min(len(free), len(waiting)))]
+        free = free[: len(taken)]
+        distinct = sorted({c // num_samples for c in taken})
+        source_index = {p: i for i, p in enumerate(distinct)}
+        input_ids, attention_mask = _left_pad([prompts[p] for p in distinct], pad_token_id, device)
+        width = input_ids.shape[-1]
+        prefill = new_cache(model, width)
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1,
+                    **cache_argument(model, prefill))
+        source_rows = torch.tensor([source_index[c // num_samples] for c in taken], device=device)
+        target_rows = torch.tensor(free, device=device)
+        lengths = torch.tensor([len(prompts[c // num_samples]) for c in taken], device=device)
+        cache.fill_rows(target_rows, prefill, source_rows, width, lengths)
+        for row, completion in zip(free, taken):
+            holder[row] = completion
+        positions[target_rows] = lengths
+        batch = max(batch, free[-1] + 1)
+        cache.set_batch(batch)
+        take_tokens(free, out.logits[:, -1, :][source_rows])
+
+    while True:
+        live = [r for r in range(batch) if holder[r] is not None]
+        free_rows = rows - len(live)
+        # Refill once an eighth of the batch is free (or everything): one prefill per refill, not per finish.
+        if waiting and (not live or free_rows >= min(len(waiting), max(1, rows // 8))):
+            admit()
+            continue
+        if not live:
             break
-        if done.sum() * 4 >= len(rows):
-            # Retire finished rows once they are a quarter of the batch: the rest decode on a smaller batch and
-            # cache. (Retiring at every finish would copy the whole cache each time.)
-            index = (~done).nonzero().squeeze(-1)
-            cache.batch_select_indices(index)
-            rows, tokens, done = rows[index], tokens[index], done[index]
-            attention_mask, next_positions = attention_mask[index], next_positions[index]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=-1)
-        out = model(
-            input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_positions[:, None],
-            use_cache=True, **cache_kwarg,
-        )
-        logits = out.logits[:, -1, :]
-        next_positions = next_positions + 1
+        if not waiting and batch - len(live) >= max(1, batch // 4):
+            keep = torch.tensor(live, device=device)
+            cache.keep_rows(keep)
+            next_tokens[: len(live)], positions[: len(live)] = next_tokens[keep].clone(), positions[keep].clone()
+            holder[: len(live)] = [holder[r] for r in live]
+            holder[len(live) :] = [None] * (rows - len(live))
+            batch = len(live)
+            live = list(range(batch))
+        cache.reserve_column(live)
+        out = model(input_ids=next_tokens[:batch, None], attention_mask=cache.decode_mask(),
+                    position_ids=positions[:batch, None], use_cache=True, **cache_kwarg)
+        positions[:batch] += 1
+        take_tokens(live, out.logits[live, -1, :])
     return [Completion(ids, reason) for ids, reason in zip(generated, finish)]

@@ -74,41 +74,92 @@ def common_prefix_length(sequences: list[list[int]]) -> int:
     return length
 
 
+def _prefix_cache(model, prefixes: list[list[torch.Tensor]], lengths: list[int], capacity: int):
+    """A cache holding one prefix per row (per layer: keys, values), left-padded to the longest, with room for
+    `capacity` positions in all; and its 2D mask."""
+    width = max(lengths)
+    cache = new_cache(model, capacity)
+    for index, layer in enumerate(cache.layers):
+        like = prefixes[0][2 * index]
+        layer.key_buffer = like.new_zeros((len(prefixes), like.shape[0], capacity, like.shape[-1]))
+        layer.value_buffer = torch.zeros_like(layer.key_buffer)
+        for row, (prefix, length) in enumerate(zip(prefixes, lengths)):
+            layer.key_buffer[row, :, width - length : width] = prefix[2 * index]
+            layer.value_buffer[row, :, width - length : width] = prefix[2 * index + 1]
+        layer.device, layer.is_initialized, layer.length = like.device, True, width
+    mask = torch.zeros((len(prefixes), width), dtype=torch.long)  # on the CPU, like the caller's suffix mask
+    for row, length in enumerate(lengths):
+        mask[row, width - length :] = 1
+    return cache, mask
+
+
 @torch.inference_mode()
-def score_with_shared_prefix(model, group: list[list[int]], pad_token_id: int) -> list[float]:
-    """Scores sequences that start with the same tokens: the prefix once, then every suffix on its cache."""
-    prefix_length = common_prefix_length(group)
-    suffixes = [s[prefix_length:] for s in group]
-    width = max(len(s) for s in suffixes)
-    cache = new_cache(model, prefix_length + width)
-    cache_kwarg = cache_argument(model, cache)
+def score_with_shared_prefixes(model, groups: list[list[list[int]]], pad_token_id: int,
+                               batch_size: int) -> list[list[float]]:
+    """Scores groups of sequences that each start with their group's common prefix.
+
+    Each group's prefix runs once (prefixes in length-sorted, left-padded batches); then the suffixes of all groups
+    run in length-sorted batches, each on its own group's prefix keys and values (left-padded to the longest prefix
+    of the batch), so neither the prefixes nor the suffixes pay for each other's lengths.
+    """
     device = model.device
-    model(input_ids=torch.tensor([group[0][:prefix_length]], device=device), use_cache=True, **cache_kwarg)
-    cache.batch_repeat_interleave(len(group))
-    input_ids = torch.full((len(group), width), pad_token_id, dtype=torch.long)
-    suffix_mask = torch.zeros((len(group), width), dtype=torch.long)
-    for row, suffix in enumerate(suffixes):
-        input_ids[row, : len(suffix)] = torch.tensor(suffix)
-        suffix_mask[row, : len(suffix)] = 1
-    attention_mask = torch.cat([torch.ones((len(group), prefix_length), dtype=torch.long), suffix_mask], dim=-1)
-    position_ids = torch.arange(prefix_length, prefix_length + width).expand(len(group), -1)
-    output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                   position_ids=position_ids.to(device), use_cache=True, **cache_kwarg)
-    return _read_scores(output, len(group))
+    prefix_lengths = [common_prefix_length(group) for group in groups]
+    prefixes: list[list[torch.Tensor]] = [[] for _ in groups]
+    for chunk in reward_batches([g[0][:n] for g, n in zip(groups, prefix_lengths)], -1, batch_size):
+        width = max(prefix_lengths[g] for g in chunk)
+        input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, g in enumerate(chunk):
+            n = prefix_lengths[g]
+            input_ids[row, width - n :] = torch.tensor(groups[g][0][:n])
+            attention_mask[row, width - n :] = 1
+        cache = new_cache(model, width)
+        model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+              position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True,
+              **cache_argument(model, cache))
+        for row, g in enumerate(chunk):
+            n = prefix_lengths[g]
+            for layer in cache.layers:
+                prefixes[g] += [layer.key_buffer[row, :, width - n : width].clone(),
+                                layer.value_buffer[row, :, width - n : width].clone()]
+
+    items = [(g, j) for g, group in enumerate(groups) for j in range(len(group))]
+    suffixes = [groups[g][j][prefix_lengths[g] :] for g, j in items]
+    scores = [[math.nan] * len(group) for group in groups]
+    for chunk in reward_batches(suffixes, pad_token_id, batch_size):
+        owners = [items[i][0] for i in chunk]
+        width = max(len(suffixes[i]) for i in chunk)
+        lengths = [prefix_lengths[g] for g in owners]
+        cache, prefix_mask = _prefix_cache(model, [prefixes[g] for g in owners], lengths, max(lengths) + width)
+        input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        suffix_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            input_ids[row, : len(suffixes[i])] = torch.tensor(suffixes[i])
+            suffix_mask[row, : len(suffixes[i])] = 1
+        position_ids = torch.tensor(lengths)[:, None] + torch.arange(width)
+        attention_mask = torch.cat([prefix_mask, suffix_mask], dim=-1)
+        output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                       position_ids=position_ids.to(device), use_cache=True, **cache_argument(model, cache))
+        for i, value in zip(chunk, _read_scores(output, len(chunk))):
+            g, j = items[i]
+            scores[g][j] = value
+    return scores
 
 
 def score_groups(model, groups: list[list[list[int]]], pad_token_id: int, batch_size: int) -> list[list[float]]:
     """One reward per sequence, grouped as given (the N responses of one instruction per group)."""
+    shared = []
     if shares_prefix(model):
-        scores = []
-        for group in groups:
-            worth_it = len(group) > 1 and common_prefix_length(group) >= MIN_SHARED_PREFIX
-            # A suffix ending in the pad id would be read one token early (see reward_batches).
-            if worth_it and all(s[-1] != pad_token_id for s in group):
-                scores.append(score_with_shared_prefix(model, group, pad_token_id))
-            else:
-                scores.append(score_sequences(model, group, pad_token_id, batch_size))
-        return scores
-    flat = score_sequences(model, [s for group in groups for s in group], pad_token_id, batch_size)
-    starts = [sum(len(g) for g in groups[:i]) for i in range(len(groups))]
-    return [flat[start : start + len(group)] for start, group in zip(starts, groups)]
+        # A suffix ending in the pad id would be read one token early (see reward_batches).
+        shared = [g for g, group in enumerate(groups) if len(group) > 1
+                  and common_prefix_length(group) >= MIN_SHARED_PREFIX and all(s[-1] != pad_token_id for s in group)]
+    scores: list[list[float] | None] = [None] * len(groups)
+    for g, group_scores in zip(shared, score_with_shared_prefixes(model, [groups[g] for g in shared], pad_token_id,
+                                                                  batch_size) if shared else []):
+        scores[g] = group_scores
+    rest = [g for g in range(len(groups)) if scores[g] is None]
+    flat = score_sequences(model, [s for g in rest for s in groups[g]], pad_token_id, batch_size) if rest else []
+    offset = 0
+    for g in rest:
+        scores[g], offset = flat[offset : offset + len(groups[g])], offset + len(groups[g])
+    return scores

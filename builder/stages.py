@@ -48,7 +48,8 @@ class InstructionSettings:
     generator_revision: str
 
 
-def generate_instructions(batch: dict, rank: int | None, *, generator: ModelSpec, settings: InstructionSettings):
+def generate_instructions(batch: dict, rank: int | None, *, generator: ModelSpec, settings: InstructionSettings,
+                          max_batch_size: int = 64):
     """Samples one instruction per row from the pre-query template.
 
     Input columns: `uuid`. Output columns: `instruction`, `instruction_finish_reason` ("stop" or "length"),
@@ -56,7 +57,7 @@ def generate_instructions(batch: dict, rank: int | None, *, generator: ModelSpec
     """
     seeds = [row_seed(settings.seed, "instruction", u, 0) for u in batch["uuid"]]
     completions, tokenizer = sample_completions(generator, rank, [list(settings.pre_query_ids)] * len(seeds), seeds,
-                                                settings.sampling, same_prompt=True)
+                                                settings.sampling, same_prompt=True, max_batch_size=max_batch_size)
     config = {
         "input_generator": public_model_name(generator.name_or_path),
         "generator_revision": settings.generator_revision,
@@ -145,7 +146,8 @@ class ResponseSettings:
     generator_revision: str
 
 
-def generate_responses(batch: dict, rank: int | None, *, generator: ModelSpec, settings: ResponseSettings):
+def generate_responses(batch: dict, rank: int | None, *, generator: ModelSpec, settings: ResponseSettings,
+                       max_batch_size: int = 64):
     """Samples N responses per instruction, all N from one shared prefill of the chat prompt.
 
     Input columns: `uuid`, `prompt_token_ids`. Output columns: `responses` (N strings), `response_finish_reasons`
@@ -154,7 +156,7 @@ def generate_responses(batch: dict, rank: int | None, *, generator: ModelSpec, s
     n = settings.num_responses
     seeds = [row_seed(settings.seed, "response", u, j) for u in batch["uuid"] for j in range(n)]
     completions, tokenizer = sample_completions(generator, rank, batch["prompt_token_ids"], seeds,
-                                                settings.sampling, num_samples=n)
+                                                settings.sampling, num_samples=n, max_batch_size=max_batch_size)
     config = {
         "output_generator": public_model_name(generator.name_or_path),
         "generator_revision": settings.generator_revision,

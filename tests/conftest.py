@@ -50,6 +50,7 @@ def small_config(**overrides) -> BuildConfig:
         max_instruction_tokens=64,
         num_responses=4,
         max_response_tokens=32,
+        shard_size=8,
         generation_batch_size=8,
         reward_batch_size=8,
         test_size=0.1,

@@ -34,9 +34,10 @@ def test_num_proc_workers_give_every_row_exactly_once():
     assert len(uuids) == len(set(uuids)) == two.ledger.get("binarize").rows_out
 
 
-def test_batch_size_does_not_change_the_rows():
-    assert same_rows(build(small_config(generation_batch_size=3)).dataset,
-                     build(small_config(generation_batch_size=8)).dataset)
+def test_batch_and_shard_sizes_do_not_change_the_rows():
+    # 3 sequences at a time in shards of 5 refills rows constantly; 32 in one shard of 24 never refills.
+    assert same_rows(build(small_config(shard_size=5, generation_batch_size=3)).dataset,
+                     build(small_config(shard_size=24, generation_batch_size=32)).dataset)
 
 
 def test_two_processes_under_accelerate_merge_to_the_one_process_dataset(tmp_path):
@@ -58,7 +59,7 @@ def test_two_processes_under_accelerate_merge_to_the_one_process_dataset(tmp_pat
 
 def test_kill_dash_nine_mid_stage_then_resume(tmp_path):
     cache, output = tmp_path / "cache", tmp_path / "out"
-    command = [str(BIN / "magpie-build"), "--config", DEMO, "--num_instructions", "160", "--generation_batch_size",
+    command = [str(BIN / "magpie-build"), "--config", DEMO, "--num_instructions", "160", "--shard_size",
                "4", "--max_response_tokens", "96", "--test_size", "0.05", "--cache_dir", str(cache), "--output_dir",
                str(output)]
     process = subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -174,15 +174,25 @@ def test_a_build_where_every_instruction_is_dropped_says_why():
 def test_shared_prefix_scoring_equals_whole_sequence_scoring():
     model, tokenizer = load_reward_model(ModelSpec("tiny:reward"))
     assert scoring.shares_prefix(model)
-    prompt = tokenizer("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWrite a poem about the sea and"
-                       " the sky<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
-                       add_special_tokens=False).input_ids
-    group = [prompt + tokenizer(text + "<|eot_id|>", add_special_tokens=False).input_ids
-             for text in ("Waves.", "The sea is wide and the sky is blue.", "No", "Blue, blue, blue")]
-    shared = scoring.score_with_shared_prefix(model, group, tokenizer.pad_token_id)
-    whole = scoring.score_sequences(model, group, tokenizer.pad_token_id, batch_size=1)
-    assert shared == pytest.approx(whole, abs=1e-4)
-    assert scoring.score_groups(model, [group, group[:2]], tokenizer.pad_token_id, 8) == \
-        [pytest.approx(whole, abs=1e-4), pytest.approx(whole[:2], abs=1e-4)]
+
+    def prompt(text):
+        return tokenizer(f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"
+                         "<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False).input_ids
+
+    def answers(ids, texts):
+        return [ids + tokenizer(text + "<|eot_id|>", add_special_tokens=False).input_ids for text in texts]
+
+    # Prefixes of different lengths and suffixes of different lengths, mixed across groups in batches of 3.
+    groups = [answers(prompt("Write a poem about the sea and the sky"),
+                      ("Waves.", "The sea is wide and the sky is blue.", "No", "Blue, blue, blue")),
+              answers(prompt("Hi"), ("Hello there, how can I help you today?", "Hey", "Hi!"))]
+    whole = [scoring.score_sequences(model, group, tokenizer.pad_token_id, batch_size=1) for group in groups]
+    shared = scoring.score_with_shared_prefixes(model, groups, tokenizer.pad_token_id, batch_size=3)
+    assert [len(s) for s in shared] == [4, 3]
+    for got, expected in zip(shared, whole):
+        assert got == pytest.approx(expected, abs=1e-4)
+    assert len({round(v, 4) for v in whole[0] + whole[1]}) == 7  # the scores differ, so a mix-up would show
+    assert scoring.score_groups(model, [groups[0], groups[0][:2]], tokenizer.pad_token_id, 8) == \
+        [pytest.approx(whole[0], abs=1e-4), pytest.approx(whole[0][:2], abs=1e-4)]
     armo, _ = load_reward_model(ARMO)
     assert not scoring.shares_prefix(armo)  # custom code reads its gating features off the whole input
