@@ -62,7 +62,7 @@ def config_for(size: str, num_instructions: int, **overrides):
     values = dict(
         generator_model=f"tiny:chat-llama-3.1{suffix}", reward_model=f"tiny:reward{suffix}",
         num_instructions=num_instructions, max_instruction_tokens=64, max_response_tokens=128, num_responses=5,
-        generation_batch_size=128, reward_batch_size=16, test_size=0.1, seed=1, resume=False,
+        generation_batch_size=128, reward_batch_size=8, test_size=0.1, seed=1, resume=False,
     )
     values.update(overrides)
     return BuildConfig(**values)

@@ -237,11 +237,13 @@ class SlotCache(DynamicCache):
         length = self.length
         start = length - width
         for layer, prefilled in zip(self.layers, source.layers):
+            # With `device: sharded` each layer's keys live on its own GPU: index there.
+            here, there = rows.to(layer.device), source_rows.to(layer.device)
             for name in ("key_buffer", "value_buffer"):
                 buffer = getattr(layer, name)
                 # Masked columns still enter attention as 0 x value, and 0 x NaN is NaN: no stale garbage there.
-                buffer[rows, :, :start] = 0
-                buffer[rows, :, start:length] = getattr(prefilled, name)[source_rows, :, :width]
+                buffer[here, :, :start] = 0
+                buffer[here, :, start:length] = getattr(prefilled, name)[there, :, :width]
         columns = torch.arange(self.columns, device=self.mask.device)
         self.mask[rows] = (columns >= length - prompt_lengths[:, None]) & (columns < length)
         for row, prompt_length in zip(rows.tolist(), prompt_lengths.tolist()):
@@ -270,8 +272,9 @@ class SlotCache(DynamicCache):
         """Moves `rows` to the front (retiring the others) and sets the batch to them."""
         first, length = min(self.starts[r] for r in rows.tolist()), self.length
         for layer in self.layers:
-            layer.key_buffer[: len(rows), :, first:length] = layer.key_buffer[rows, :, first:length]
-            layer.value_buffer[: len(rows), :, first:length] = layer.value_buffer[rows, :, first:length]
+            here = rows.to(layer.device)
+            layer.key_buffer[: len(rows), :, first:length] = layer.key_buffer[here, :, first:length]
+            layer.value_buffer[: len(rows), :, first:length] = layer.value_buffer[here, :, first:length]
         self.mask[: len(rows)] = self.mask[rows]
         self.starts[: len(rows)] = [self.starts[r] for r in rows.tolist()]
         self.set_batch(len(rows))

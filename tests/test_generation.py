@@ -86,9 +86,19 @@ def test_stop_and_length_finish_reasons(tiny_model):
     assert {c.finish_reason for c in capped} == {"stop", "length"}
 
 
-def test_continuous_batching_gives_the_same_samples_at_every_batch_size(tiny_model):
+def test_continuous_batching_gives_the_same_samples_at_every_batch_size(tiny_model, monkeypatch):
     # Batch size 1 decodes every sample alone; 4 keeps refilling freed rows (prompts of different lengths join a
     # running batch); 64 takes everything at once and retires finished rows.
+    from builder import generation
+
+    compactions = []
+    reserve = generation.SlotCache.reserve_column
+
+    def counting_reserve(cache, live_rows):
+        compactions.append(cache.length == cache.columns)  # the write column reached the end: dead columns go
+        reserve(cache, live_rows)
+
+    monkeypatch.setattr(generation.SlotCache, "reserve_column", counting_reserve)
     model, tokenizer = load(tiny_model)
     params = SamplingParams(1.0, 1.0, 40, (tokenizer.convert_tokens_to_ids("<|eot_id|>"),))
     prompts = [tokenizer(text).input_ids for text in ("Hi", "Write a poem about the ocean and the sky, please",
@@ -100,6 +110,7 @@ def test_continuous_batching_gives_the_same_samples_at_every_batch_size(tiny_mod
     assert [c.finish_reason for c in runs[1]] == [c.finish_reason for c in runs[0]]
     lengths = {len(c.token_ids) for c in runs[0]}
     assert min(lengths) < 20 and max(lengths) == 40  # ragged: rows finish at different steps
+    assert any(compactions), "the column compaction ran and changed nothing"
 
 
 def test_sliding_window_attention_matches_a_full_recompute():
