@@ -306,7 +306,7 @@ def sample(
     Continuous batching: up to `max_batch_size` sequences decode together; when enough have finished, waiting
     completions take their rows (their prompts prefilled together, once per distinct prompt, the N samples of a
     prompt sharing that prefill), so the batch stays full until the queue runs dry. Then finished rows are retired
-    once they are a quarter of the batch (retiring at every finish would copy the whole cache each time).
+    once they are an eighth of the batch (retiring at every finish would copy the whole cache each time).
 
     Args:
         model: a causal LM (`AutoModelForCausalLM`), on its device.
@@ -382,13 +382,13 @@ def sample(
     while True:
         live = [r for r in range(batch) if holder[r] is not None]
         free_rows = rows - len(live)
-        # Refill once an eighth of the batch is free (or everything): one prefill per refill, not per finish.
-        if waiting and (not live or free_rows >= min(len(waiting), max(1, rows // 8))):
+        # Refill once a sixteenth of the batch is free (or everything): one prefill per refill, not per finish.
+        if waiting and (not live or free_rows >= min(len(waiting), max(1, rows // 16))):
             admit()
             continue
         if not live:
             break
-        if not waiting and batch - len(live) >= max(1, batch // 4):
+        if not waiting and batch - len(live) >= max(1, batch // 8):
             keep = torch.tensor(live, device=device)
             cache.keep_rows(keep)
             next_tokens[: len(live)], positions[: len(live)] = next_tokens[keep].clone(), positions[keep].clone()
