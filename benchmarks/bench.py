@@ -1,9 +1,11 @@
 """Speed of the build against a naive baseline, compute utilisation, and scaling with the number of instructions.
 
-    python benchmarks/bench.py                       # both sizes, baseline comparison, scaling table
+    python benchmarks/bench.py                       # both sizes, K = 16 and 64, scaling table (~20 min)
+    python benchmarks/bench.py --instructions 16 64 256   # adds the steady-state comparison (~35 min)
     python benchmarks/bench.py --sizes tiny --scaling 64 256 1024 4096
 
-For each model size (tiny, and small: hidden 512, 8 layers, vocab 8k, ~29M parameters), in one process and on
+For each model size (tiny, and small: hidden 512, 8 layers, 8/2 query/key-value heads, vocab 8k, 30.5M
+parameters), in one process and on
 identical work (the same instructions, N responses each, the same token caps):
 - ours: `build(config)`, timed per stage by its own ledger;
 - naive: the way the public research scripts do it, one `generate` per instruction, one per response, one reward
