@@ -2,9 +2,10 @@
 instruction.
 
 The N (instruction, response) inputs of a row share their prompt: the chat template, any system block and the
-instruction. For a stock transformers sequence classifier that prompt runs once and its KV cache is repeated for
-the N responses, which cuts the tokens scored by 2-3x with Magpie's lengths. Custom-code reward models (ArmoRM
-reads gating features off the prompt's own tokens) are always scored on whole sequences.
+instruction. For a stock transformers sequence classifier each prompt runs once, and then the responses of all
+instructions of the batch run in length-sorted batches, each on its own prompt's keys and values: every token is
+scored once and padding stays small. Custom-code reward models (ArmoRM reads gating features off the prompt's own
+tokens) are always scored on whole sequences.
 """
 
 import math
