@@ -98,11 +98,10 @@ def sample_next_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: int | to
 
 
 class GrowingLayer(DynamicLayer):
-    """A KV-cache layer whose keys and values live in a buffer with room for the whole prompt.
-
-    `DynamicLayer` appends with `torch.cat`, copying the whole cache every step (more than half of a decode step's
-    time on CPU, measured); here a forward writes in place and the layer hands out views. Sliding-window layers
-    keep every position too: the sliding mask, built from positions, hides the old ones.
+    """A KV-cache layer for a prefill (of prompts, or of reward prompts): keys and values written in place into a
+    buffer of fixed capacity, handed out as views. (`DynamicLayer` appends with `torch.cat`, which copied the whole
+    cache at every decode step: more than half of a step's time on CPU, measured.) Sliding-window layers keep every
+    position too: the sliding mask, built from positions, hides the old ones.
     """
 
     def __init__(self, capacity: int, is_sliding: bool = False):
@@ -128,12 +127,6 @@ class GrowingLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self.length
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
-            self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
-            self.keys, self.values = self.key_buffer[..., : self.length, :], self.value_buffer[..., : self.length, :]
 
 
 def cache_argument(model, cache) -> dict:
