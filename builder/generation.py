@@ -97,7 +97,7 @@ def sample_next_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: int | to
     return (index if order is None else order.gather(-1, index)).squeeze(-1)
 
 
-class GrowingLayer(DynamicLayer):
+class PrefillLayer(DynamicLayer):
     """A KV-cache layer for a prefill (of prompts, or of reward prompts): keys and values written in place into a
     buffer of fixed capacity, handed out as views. (`DynamicLayer` appends with `torch.cat`, which copied the whole
     cache at every decode step: more than half of a step's time on CPU, measured.) Sliding-window layers keep every
@@ -118,7 +118,7 @@ class GrowingLayer(DynamicLayer):
             self.value_buffer = value_states.new_empty(shape[:-1] + (value_states.shape[-1],))
         end = self.length + key_states.shape[-2]
         if end > self.key_buffer.shape[-2]:
-            raise RuntimeError(f"GrowingLayer of capacity {self.key_buffer.shape[-2]} cannot take {end} positions")
+            raise RuntimeError(f"PrefillLayer of capacity {self.key_buffer.shape[-2]} cannot take {end} positions")
         self.key_buffer[..., self.length : end, :] = key_states
         self.value_buffer[..., self.length : end, :] = value_states
         self.length = end
@@ -148,9 +148,9 @@ def _attention_layers_sliding(model) -> list[bool]:
 
 
 def new_cache(model, capacity: int) -> DynamicCache:
-    """A DynamicCache of `GrowingLayer`s with room for `capacity` positions."""
+    """A DynamicCache of `PrefillLayer`s with room for `capacity` positions."""
     cache = DynamicCache(config=model.config)
-    cache.layers = [GrowingLayer(capacity, sliding) for sliding in _attention_layers_sliding(model)]
+    cache.layers = [PrefillLayer(capacity, sliding) for sliding in _attention_layers_sliding(model)]
     return cache
 
 
