@@ -15,7 +15,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 # splitmix64 constants, as signed int64 (torch has no uint64 arithmetic; int64 multiplication wraps).
 _C1 = 0xBF58476D1CE4E5B9 - (1 << 64)
@@ -137,10 +137,12 @@ def cache_argument(model, cache) -> dict:
 
 
 def _attention_layers_sliding(model) -> list[bool]:
-    """Per layer: is it a sliding-window attention layer. Raises for layers that are not attention (Mamba/SSM
-    hybrids), which these caches cannot hold."""
+    """Per layer: is it a sliding-window attention layer. Raises for any other kind of layer (linear attention,
+    Mamba/SSM hybrids, indexed attention), which these caches cannot hold. The check is on the exact type: hybrid
+    and indexed layers subclass `DynamicLayer` but keep state these caches would drop."""
     layers = DynamicCache(config=model.config).layers
-    unsupported = {type(layer).__name__ for layer in layers if not isinstance(layer, DynamicLayer)}
+    supported = (DynamicLayer, DynamicSlidingWindowLayer)
+    unsupported = {type(layer).__name__ for layer in layers if type(layer) not in supported}
     if unsupported:
         raise ValueError(f"The transformers engine caches attention layers only; {type(model).__name__} has "
                          f"{', '.join(sorted(unsupported))}. Use `engine: vllm` for this model.")

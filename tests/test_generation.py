@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -137,3 +138,30 @@ def test_sliding_window_attention_matches_a_full_recompute():
     assert [c.token_ids for c in got] == [greedy_without_cache(model, p, 20) for p in prompts]
     # The window matters here: without it the model writes something else.
     assert [c.token_ids for c in got] != [greedy_without_cache(model_with(None), p, 20) for p in prompts]
+
+
+def test_a_model_with_non_attention_cache_layers_is_refused_with_the_fix():
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    model = Qwen3NextForCausalLM(Qwen3NextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
+        linear_value_head_dim=8, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16)).eval()
+    with pytest.raises(ValueError, match="Qwen3NextForCausalLM has LinearAttentionLayer.*engine: vllm"):
+        sample(model, [[1, 2, 3]], [0], SamplingParams(1.0, 1.0, 4, ()))
+
+
+def test_hybrid_and_indexed_layers_are_refused_though_they_subclass_dynamic_layer():
+    from transformers import LlamaConfig
+
+    from builder.generation import _attention_layers_sliding
+
+    class HybridModel:
+        config = LlamaConfig(num_hidden_layers=3, sliding_window=4)
+
+    HybridModel.config.layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    assert _attention_layers_sliding(HybridModel()) == [False, True, False]
+    HybridModel.config.layer_types = ["full_attention", "hybrid", "indexed_attention"]
+    with pytest.raises(ValueError, match="HybridModel has DynamicIndexedLayer, LinearAttentionAndFullAttentionLayer"):
+        _attention_layers_sliding(HybridModel())
