@@ -156,13 +156,18 @@ def new_cache(model, capacity: int) -> DynamicCache:
     return cache
 
 
-def _left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[i, width - len(prompt) :] = 1
+def pad_batch(sequences: list[list[int]], pad_token_id: int, *, left: bool,
+              device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded to the longest sequence, and the 0/1 mask of real tokens. Left padding for prompts to be
+    continued (their last token is the last column); right padding for inputs a classifier reads at their last
+    real token."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, sequence in enumerate(sequences):
+        columns = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+        input_ids[i, columns] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[i, columns] = 1
     return input_ids.to(device), attention_mask.to(device)
 
 
@@ -357,7 +362,7 @@ def sample(
         free = free[: len(taken)]
         distinct = sorted({c // num_samples for c in taken})
         source_index = {p: i for i, p in enumerate(distinct)}
-        input_ids, attention_mask = _left_pad([prompts[p] for p in distinct], pad_token_id, device)
+        input_ids, attention_mask = pad_batch([prompts[p] for p in distinct], pad_token_id, left=True, device=device)
         width = input_ids.shape[-1]
         prefill = new_cache(model, width)
         out = model(input_ids=input_ids, attention_mask=attention_mask,

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .generation import cache_argument, new_cache
+from .generation import cache_argument, new_cache, pad_batch
 
 MIN_SHARED_PREFIX = 8  # below this, one batched pass over whole sequences is cheaper than two passes
 
@@ -44,18 +44,12 @@ def _read_scores(output, count: int) -> list[float]:
 
 def score_sequences(model, token_ids: list[list[int]], pad_token_id: int, batch_size: int) -> list[float]:
     """One reward per sequence, scored in right-padded batches under `torch.inference_mode`."""
-    import torch
-
     scores = [math.nan] * len(token_ids)
     with torch.inference_mode():
         for chunk in reward_batches(token_ids, pad_token_id, batch_size):
-            width = max(len(token_ids[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                input_ids[row, : len(token_ids[i])] = torch.tensor(token_ids[i])
-                attention_mask[row, : len(token_ids[i])] = 1
-            output = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device))
+            input_ids, attention_mask = pad_batch([token_ids[i] for i in chunk], pad_token_id, left=False,
+                                                  device=model.device)
+            output = model(input_ids=input_ids, attention_mask=attention_mask)
             for i, value in zip(chunk, _read_scores(output, len(chunk))):
                 scores[i] = value
     return scores
@@ -75,18 +69,19 @@ def common_prefix_length(sequences: list[list[int]]) -> int:
     return length
 
 
-def _prefix_cache(model, prefixes: list[list[torch.Tensor]], lengths: list[int], capacity: int):
+def _prefix_cache(model, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int],
+                  capacity: int):
     """A cache holding one prefix per row (per layer: keys, values), left-padded to the longest, with room for
     `capacity` positions in all; and its 2D mask."""
     width = max(lengths)
     cache = new_cache(model, capacity)
     for index, layer in enumerate(cache.layers):
-        like = prefixes[0][2 * index]
+        like = prefixes[0][index][0]
         layer.key_buffer = like.new_zeros((len(prefixes), like.shape[0], capacity, like.shape[-1]))
         layer.value_buffer = torch.zeros_like(layer.key_buffer)
         for row, (prefix, length) in enumerate(zip(prefixes, lengths)):
-            layer.key_buffer[row, :, width - length : width] = prefix[2 * index]
-            layer.value_buffer[row, :, width - length : width] = prefix[2 * index + 1]
+            layer.key_buffer[row, :, width - length : width], layer.value_buffer[row, :, width - length : width] = \
+                prefix[index]
         layer.device, layer.is_initialized, layer.length = like.device, True, width
     mask = torch.zeros((len(prefixes), width), dtype=torch.long)  # on the CPU, like the caller's suffix mask
     for row, length in enumerate(lengths):
@@ -105,38 +100,29 @@ def score_with_shared_prefixes(model, groups: list[list[list[int]]], pad_token_i
     """
     device = model.device
     prefix_lengths = [common_prefix_length(group) for group in groups]
-    prefixes: list[list[torch.Tensor]] = [[] for _ in groups]
-    for chunk in reward_batches([g[0][:n] for g, n in zip(groups, prefix_lengths)], -1, batch_size):
-        width = max(prefix_lengths[g] for g in chunk)
-        input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, g in enumerate(chunk):
-            n = prefix_lengths[g]
-            input_ids[row, width - n :] = torch.tensor(groups[g][0][:n])
-            attention_mask[row, width - n :] = 1
+    prefix_ids = [group[0][:n] for group, n in zip(groups, prefix_lengths)]
+    prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in groups]  # per group, per layer
+    for chunk in reward_batches(prefix_ids, -1, batch_size):
+        input_ids, attention_mask = pad_batch([prefix_ids[g] for g in chunk], pad_token_id, left=True, device=device)
+        width = input_ids.shape[-1]
         cache = new_cache(model, width)
-        model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-              position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True,
+        model(input_ids=input_ids, attention_mask=attention_mask,
+              position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
               **cache_argument(model, cache))
         for row, g in enumerate(chunk):
-            n = prefix_lengths[g]
-            for layer in cache.layers:
-                prefixes[g] += [layer.key_buffer[row, :, width - n : width].clone(),
-                                layer.value_buffer[row, :, width - n : width].clone()]
+            columns = slice(width - prefix_lengths[g], width)
+            prefixes[g] = [(layer.key_buffer[row, :, columns].clone(), layer.value_buffer[row, :, columns].clone())
+                           for layer in cache.layers]
 
     items = [(g, j) for g, group in enumerate(groups) for j in range(len(group))]
     suffixes = [groups[g][j][prefix_lengths[g] :] for g, j in items]
     scores = [[math.nan] * len(group) for group in groups]
     for chunk in reward_batches(suffixes, pad_token_id, batch_size):
         owners = [items[i][0] for i in chunk]
-        width = max(len(suffixes[i]) for i in chunk)
+        input_ids, suffix_mask = pad_batch([suffixes[i] for i in chunk], pad_token_id, left=False)
+        width = input_ids.shape[-1]
         lengths = [prefix_lengths[g] for g in owners]
         cache, prefix_mask = _prefix_cache(model, [prefixes[g] for g in owners], lengths, max(lengths) + width)
-        input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        suffix_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            input_ids[row, : len(suffixes[i])] = torch.tensor(suffixes[i])
-            suffix_mask[row, : len(suffixes[i])] = 1
         position_ids = torch.tensor(lengths)[:, None] + torch.arange(width)
         attention_mask = torch.cat([prefix_mask, suffix_mask], dim=-1)
         output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
