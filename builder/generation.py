@@ -217,7 +217,6 @@ class SlotCache(DynamicCache):
         self.rows, self.columns, self.longest_prompt = rows, span + max(16, span // 2), longest_prompt
         self.mask = torch.zeros((rows, self.columns), dtype=torch.bool, device=model.device)
         self.starts = [0] * rows  # per row: the column its prompt starts at
-        self.allocated = False
 
     @property
     def length(self) -> int:
@@ -226,14 +225,13 @@ class SlotCache(DynamicCache):
     def fill_rows(self, rows: torch.Tensor, source: DynamicCache, source_rows: torch.Tensor, width: int,
                   prompt_lengths: torch.Tensor) -> None:
         """Copies prefilled prompts (left-padded to `width` in `source`) into `rows`, ending at the write column."""
-        if not self.allocated:
+        if not self.layers[0].is_initialized:
             for layer, prefilled in zip(self.layers, source.layers):
                 like = prefilled.key_buffer
                 # Uninitialised: every column a forward reads is written first (below, or by a decode step).
                 layer.key_buffer = like.new_empty((self.rows, like.shape[1], self.columns, like.shape[-1]))
                 layer.value_buffer = torch.empty_like(layer.key_buffer)
                 layer.device, layer.is_initialized, layer.length = like.device, True, self.longest_prompt
-            self.allocated = True
         length = self.length
         start = length - width
         for layer, prefilled in zip(self.layers, source.layers):
@@ -256,13 +254,15 @@ class SlotCache(DynamicCache):
         if length == self.columns:
             # Drop the dead columns on the left; the write column stays at or past the longest prompt, so any
             # waiting prompt still fits to its left.
+            # Only the batch's rows: a row past it is either unused yet or retired, and `fill_rows` rewrites every
+            # column of a row it hands out.
             new_length = max(length - first, self.longest_prompt)
-            offset = new_length - (length - first)
+            offset, batch = new_length - (length - first), self.layers[0].batch
             for layer in self.layers:
-                layer.key_buffer[:, :, offset:new_length] = layer.key_buffer[:, :, first:length].clone()
-                layer.value_buffer[:, :, offset:new_length] = layer.value_buffer[:, :, first:length].clone()
+                layer.key_buffer[:batch, :, offset:new_length] = layer.key_buffer[:batch, :, first:length].clone()
+                layer.value_buffer[:batch, :, offset:new_length] = layer.value_buffer[:batch, :, first:length].clone()
                 layer.length = new_length
-            self.mask[:, offset:new_length] = self.mask[:, first:length].clone()
+            self.mask[:batch, offset:new_length] = self.mask[:batch, first:length].clone()
             self.starts = [start - first + offset for start in self.starts]
             first = offset
         for layer in self.layers:
