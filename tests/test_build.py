@@ -113,6 +113,8 @@ def test_summary_reports_every_stage():
         ({"push_to_hub": True}, "`repo_id` is not set"),
         ({"system_prompt": "x", "pre_query_template": "llama3"}, "`system_prompt` is set together"),
         ({"min_reward_margin": -1.0}, "`min_reward_margin`"),
+        ({"shard_size": 0}, "`shard_size` is 0.*positive integer"),
+        ({"generation_batch_size": -4}, "`generation_batch_size` is -4.*positive integer"),
     ],
 )
 def test_config_errors_name_the_field(overrides, message):
