@@ -171,6 +171,91 @@ def pad_batch(sequences: list[list[int]], pad_token_id: int, *, left: bool,
     return input_ids.to(device), attention_mask.to(device)
 
 
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """The number of leading tokens all `sequences` share, leaving each at least one token of its own."""
+    shortest = min(len(s) for s in sequences)
+    first = sequences[0]
+    length = 0
+    while length < shortest - 1 and all(s[length] == first[length] for s in sequences):
+        length += 1
+    return length
+
+
+def length_groups(lengths: list[int], slack: float = 1.25) -> list[list[int]]:
+    """Indices of `lengths` in length-sorted groups whose padded size (count x longest) stays within `slack` times
+    their real size (plus a few tokens, so short prompts still go together)."""
+    groups: list[list[int]] = []
+    total = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= slack * (total + lengths[i]) + 8:
+            groups[-1].append(i)
+            total += lengths[i]
+        else:
+            groups.append([i])
+            total = lengths[i]
+    return groups
+
+
+@dataclass
+class SharedPrefix:
+    """Keys and values of the tokens every prompt of a call starts with (the chat template's system block and user
+    header, typically half a short prompt), computed once: per layer `(keys, values)` of shape
+    `[1, kv_heads, length, head_dim]`."""
+
+    length: int
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def shared_prefix(model, sequences: list[list[int]], minimum: int = 1) -> SharedPrefix | None:
+    """Prefills the common prefix of `sequences` once, or None when it is shorter than `minimum` or the model has
+    sliding-window layers: `prefill` pads between the prefix and each prompt's own tokens, and a sliding window
+    counts columns, so it would see the prefix as further away than it is."""
+    length = common_prefix_length(sequences)
+    if length < minimum or any(_attention_layers_sliding(model)):
+        return None
+    cache = new_cache(model, length)
+    model(input_ids=torch.tensor([sequences[0][:length]], device=model.device), use_cache=True,
+          **cache_argument(model, cache))
+    return SharedPrefix(length, [(layer.key_buffer, layer.value_buffer) for layer in cache.layers])
+
+
+def prefill(model, prompts: list[list[int]], pad_token_id: int, shared: SharedPrefix | None = None,
+            causal_lm: bool = True):
+    """Runs `prompts` in one left-padded batch, on top of `shared`'s keys and values when given (then `prompts` are
+    the tokens after the shared prefix).
+
+    Returns `(cache, logits)`: a cache of `PrefillLayer`s in which every row's whole prompt (shared prefix included)
+    ends at the last column, with finite values in every column left of it; and the logits at each prompt's last
+    token (None unless `causal_lm`).
+    """
+    input_ids, mask = pad_batch(prompts, pad_token_id, left=True, device=model.device)
+    rows, width = input_ids.shape
+    root = shared.length if shared else 0
+    cache = new_cache(model, root + width)
+    if shared:
+        for layer, (keys, values) in zip(cache.layers, shared.layers):
+            layer.key_buffer = keys.new_empty((rows, keys.shape[1], root + width, keys.shape[-1]))
+            layer.value_buffer = values.new_empty((rows, values.shape[1], root + width, values.shape[-1]))
+            layer.key_buffer[:, :, :root], layer.value_buffer[:, :, :root] = keys, values
+            layer.device, layer.is_initialized, layer.length = keys.device, True, root
+        mask = torch.cat([mask.new_ones((rows, root)), mask], dim=-1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, root:]
+    kwargs = {"logits_to_keep": 1} if causal_lm else {}
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **kwargs,
+                **cache_argument(model, cache))
+    if shared:
+        # Row i is [prefix | padding | own tokens]; move the prefix right, next to its own tokens. Columns left of
+        # the prefix keep a copy of what was there (prefix or padding keys): finite, and masked by every reader.
+        padding = width - mask[:, root:].sum(-1, keepdim=True)
+        column = torch.arange(root + width, device=mask.device)[None, :]
+        source = torch.where((column >= padding) & (column < padding + root), column - padding, column)
+        for layer in cache.layers:
+            index = source.to(layer.device)[:, None, :, None].expand_as(layer.key_buffer)
+            layer.key_buffer = layer.key_buffer.gather(2, index)
+            layer.value_buffer = layer.value_buffer.gather(2, index)
+    return cache, (out.logits[:, -1] if causal_lm else None)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Continuous batching
 
@@ -328,6 +413,9 @@ def sample(
         return [Completion(ids, reason) for ids, reason in zip(generated, finish)]
 
     device = model.device
+    # The tokens every prompt starts with run once, not once per refill (half of a short chat prompt).
+    shared = shared_prefix(model, prompts)
+    root = shared.length if shared else 0
     rows = min(max_batch_size, total)
     cache = SlotCache(model, rows, max(map(len, prompts)), params.max_new_tokens)
     cache_kwarg = cache_argument(model, cache)
@@ -355,29 +443,31 @@ def sample(
                     holder[row] = None
 
     def admit() -> None:
-        """Gives free rows to waiting completions: their prompts prefilled once each, their first tokens sampled."""
+        """Gives free rows to waiting completions: their prompts prefilled once each (in batches of similar
+        length), their first tokens sampled."""
         nonlocal batch
         free = [r for r in range(rows) if holder[r] is None]
         taken = [waiting.pop() for _ in range(min(len(free), len(waiting)))]
-        free = free[: len(taken)]
-        distinct = sorted({c // num_samples for c in taken})
-        source_index = {p: i for i, p in enumerate(distinct)}
-        input_ids, attention_mask = pad_batch([prompts[p] for p in distinct], pad_token_id, left=True, device=device)
-        width = input_ids.shape[-1]
-        prefill = new_cache(model, width)
-        out = model(input_ids=input_ids, attention_mask=attention_mask,
-                    position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1,
-                    **cache_argument(model, prefill))
-        source_rows = torch.tensor([source_index[c // num_samples] for c in taken], device=device)
-        target_rows = torch.tensor(free, device=device)
-        lengths = torch.tensor([len(prompts[c // num_samples]) for c in taken], device=device)
-        cache.fill_rows(target_rows, prefill, source_rows, width, lengths)
-        for row, completion in zip(free, taken):
-            holder[row] = completion
-        positions[target_rows] = lengths
-        batch = max(batch, free[-1] + 1)
-        cache.set_batch(batch)
-        take_tokens(free, out.logits[:, -1, :][source_rows])
+        row_of = dict(zip(taken, free))
+        samples_of: dict[int, list[int]] = {}
+        for completion in taken:
+            samples_of.setdefault(completion // num_samples, []).append(completion)
+        distinct = list(samples_of)
+        for group in length_groups([len(prompts[p]) - root for p in distinct]):
+            group_prompts = [distinct[i] for i in group]
+            prefilled, logits = prefill(model, [prompts[p][root:] for p in group_prompts], pad_token_id, shared)
+            members = [(source, c) for source, p in enumerate(group_prompts) for c in samples_of[p]]
+            targets = [row_of[c] for _, c in members]
+            source_rows = torch.tensor([source for source, _ in members], device=device)
+            target_rows = torch.tensor(targets, device=device)
+            lengths = torch.tensor([len(prompts[c // num_samples]) for _, c in members], device=device)
+            cache.fill_rows(target_rows, prefilled, source_rows, prefilled.layers[0].length, lengths)
+            for row, (_, completion) in zip(targets, members):
+                holder[row] = completion
+            positions[target_rows] = lengths
+            batch = max(batch, max(targets) + 1)
+            cache.set_batch(batch)
+            take_tokens(targets, logits[source_rows])
 
     while True:
         live = [r for r in range(batch) if holder[r] is not None]

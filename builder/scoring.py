@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .generation import cache_argument, new_cache, pad_batch
+from .generation import cache_argument, common_prefix_length, new_cache, pad_batch, prefill, shared_prefix
 
 MIN_SHARED_PREFIX = 8  # below this, one batched pass over whole sequences is cheaper than two passes
 
@@ -61,14 +61,6 @@ def shares_prefix(model) -> bool:
         type(model).__name__.endswith("ForSequenceClassification")
 
 
-def common_prefix_length(sequences: list[list[int]]) -> int:
-    shortest = min(len(s) for s in sequences)
-    length = 0
-    while length < shortest - 1 and all(s[length] == sequences[0][length] for s in sequences):
-        length += 1
-    return length
-
-
 def _prefix_cache(model, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int],
                   capacity: int):
     """A cache holding one prefix per row (per layer: keys, values), left-padded to the longest, with room for
@@ -94,7 +86,8 @@ def score_with_shared_prefixes(model, groups: list[list[list[int]]], pad_token_i
                                batch_size: int) -> list[list[float]]:
     """Scores groups of sequences that each start with their group's common prefix.
 
-    Each group's prefix runs once (prefixes in length-sorted, left-padded batches); then the suffixes of all groups
+    The prefix all groups share (the template's system block and user header) runs once; each group's prefix runs
+    once on top of it (in length-sorted, left-padded batches); then the suffixes of all groups
     run in length-sorted batches, each on its own group's prefix keys and values (left-padded to the longest prefix
     of the batch), so neither the prefixes nor the suffixes pay for each other's lengths.
     """
@@ -102,13 +95,12 @@ def score_with_shared_prefixes(model, groups: list[list[list[int]]], pad_token_i
     prefix_lengths = [common_prefix_length(group) for group in groups]
     prefix_ids = [group[0][:n] for group, n in zip(groups, prefix_lengths)]
     prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in groups]  # per group, per layer
-    for chunk in reward_batches(prefix_ids, -1, batch_size):
-        input_ids, attention_mask = pad_batch([prefix_ids[g] for g in chunk], pad_token_id, left=True, device=device)
-        width = input_ids.shape[-1]
-        cache = new_cache(model, width)
-        model(input_ids=input_ids, attention_mask=attention_mask,
-              position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
-              **cache_argument(model, cache))
+    # What all prompts start with (the reward template's system block and user header) runs once.
+    root = shared_prefix(model, prefix_ids, minimum=MIN_SHARED_PREFIX) if len(groups) > 1 else None
+    skip = root.length if root else 0
+    for chunk in reward_batches([p[skip:] for p in prefix_ids], -1, batch_size):
+        cache, _ = prefill(model, [prefix_ids[g][skip:] for g in chunk], pad_token_id, root, causal_lm=False)
+        width = cache.layers[0].length
         for row, g in enumerate(chunk):
             columns = slice(width - prefix_lengths[g], width)
             prefixes[g] = [(layer.key_buffer[row, :, columns].clone(), layer.value_buffer[row, :, columns].clone())

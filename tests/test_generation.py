@@ -1,8 +1,11 @@
+import functools
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from builder.generation import SamplingParams, counter_uniform, sample, sample_next_tokens, splitmix64
+from builder.generation import (SamplingParams, counter_uniform, prefill, sample, sample_next_tokens, shared_prefix,
+                                splitmix64)
 
 MASK = (1 << 64) - 1
 
@@ -114,6 +117,56 @@ def test_continuous_batching_gives_the_same_samples_at_every_batch_size(tiny_mod
     assert any(compactions), "the column compaction ran and changed nothing"
 
 
+def greedy_without_cache(model, prompt, steps):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_the_shared_prefix_runs_once_and_matches_a_full_recompute():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128)).eval()
+    prefix = [1, 5, 9, 3, 4, 4, 8]
+    prompts = [prefix + [2], prefix + [7, 7, 7, 7, 7, 8, 9, 10], prefix + [3, 11], prefix + [6, 6, 6, 6]]
+    widths = []
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def spy(*args, **kwargs):
+        widths.append(kwargs["input_ids"].shape[-1])
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    # Batch 3 with 4 prompts: a refill joins a running batch, its prompts prefilled on the shared prefix again.
+    got = sample(model, prompts, [0, 1, 2, 3], SamplingParams(0.0, 1.0, 12, ()), max_batch_size=3)
+    model.forward = forward
+    assert [c.token_ids for c in got] == [greedy_without_cache(model, p, 12) for p in prompts]
+    prefills = [w for w in widths if w > 1]
+    assert prefills[0] == len(prefix)  # the shared prefix, once
+    assert max(prefills[1:]) == 8  # then only each prompt's own tokens, padded to the longest of its refill
+    assert len(prefills) >= 3  # at least two refills
+
+    # The prefilled keys, values and logits themselves: right-aligned, they equal a prefill of the whole prompts.
+    shared = shared_prefix(model, prompts)
+    with torch.no_grad():
+        on_prefix, logits = prefill(model, [p[len(prefix):] for p in prompts], 0, shared)
+        whole, whole_logits = prefill(model, prompts, 0)
+    assert shared.length == len(prefix)
+    torch.testing.assert_close(logits, whole_logits, atol=1e-5, rtol=1e-4)
+    for a, b in zip(on_prefix.layers, whole.layers):
+        for p, prompt in enumerate(prompts):
+            columns = slice(-len(prompt), None)
+            torch.testing.assert_close(a.key_buffer[p, :, columns], b.key_buffer[p, :, columns], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(a.value_buffer[p, :, columns], b.value_buffer[p, :, columns], atol=1e-5,
+                                       rtol=1e-4)
+
+
 def test_sliding_window_attention_matches_a_full_recompute():
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -124,13 +177,6 @@ def test_sliding_window_attention_matches_a_full_recompute():
         return MistralForCausalLM(MistralConfig(
             vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, sliding_window=window, max_position_embeddings=128)).eval()
-
-    def greedy_without_cache(model, prompt, steps):
-        ids = list(prompt)
-        with torch.no_grad():
-            for _ in range(steps):
-                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-        return ids[len(prompt):]
 
     prompts = [[1, 5, 9, 3], [2, 7, 7, 7, 7, 7, 8, 9, 10], [3]]
     model = model_with(5)

@@ -171,12 +171,17 @@ def test_a_build_where_every_instruction_is_dropped_says_why():
         build(config)
 
 
-def test_shared_prefix_scoring_equals_whole_sequence_scoring():
+def test_shared_prefix_scoring_equals_whole_sequence_scoring(monkeypatch):
     model, tokenizer = load_reward_model(ModelSpec("tiny:reward"))
     assert scoring.shares_prefix(model)
+    roots = []
+    shared_prefix = scoring.shared_prefix
+    monkeypatch.setattr(scoring, "shared_prefix", lambda *a, **k: roots.append(shared_prefix(*a, **k)) or roots[-1])
 
     def prompt(text):
-        return tokenizer(f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"
+        # Every prompt starts with the same system block: that root prefix runs once for all groups.
+        return tokenizer("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful assistant."
+                         f"<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"
                          "<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False).input_ids
 
     def answers(ids, texts):
@@ -189,6 +194,7 @@ def test_shared_prefix_scoring_equals_whole_sequence_scoring():
     whole = [scoring.score_sequences(model, group, tokenizer.pad_token_id, batch_size=1) for group in groups]
     shared = scoring.score_with_shared_prefixes(model, groups, tokenizer.pad_token_id, batch_size=3)
     assert [len(s) for s in shared] == [4, 3]
+    assert roots[0] is not None and roots[0].length >= scoring.MIN_SHARED_PREFIX
     for got, expected in zip(shared, whole):
         assert got == pytest.approx(expected, abs=1e-4)
     assert len({round(v, 4) for v in whole[0] + whole[1]}) == 7  # the scores differ, so a mix-up would show
