@@ -57,6 +57,36 @@ def flops_per_token(model) -> float:
     return 2.0 * params
 
 
+def decode_step_seconds(model, batch: int, context: int, repeats: int = 5) -> float:
+    """Best time of one decode step (forward and sampling) of `batch` rows over `context` cached positions: the
+    response stage's ceiling, every token decoded at full batch with no prefill and no tail."""
+    import torch
+
+    from builder.generation import SamplingParams, cache_argument, new_cache, sample_next_tokens
+
+    kv_heads = model.config.num_key_value_heads
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, 1))
+    mask = torch.ones(batch, context + 1, dtype=torch.long)
+    positions = torch.full((batch, 1), context)
+    seeds = torch.arange(batch)
+    params = SamplingParams(0.8, 1.0, 1, ())
+    best = float("inf")
+    for _ in range(repeats + 1):
+        cache = new_cache(model, context + 1)
+        for layer in cache.layers:
+            layer.key_buffer = torch.randn(batch, kv_heads, context + 1, head_dim)
+            layer.value_buffer = torch.randn(batch, kv_heads, context + 1, head_dim)
+            layer.device, layer.is_initialized, layer.length = input_ids.device, True, context
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        **cache_argument(model, cache))
+            sample_next_tokens(out.logits[:, -1], seeds, 0, params)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def config_for(size: str, num_instructions: int, **overrides):
     from builder.config import BuildConfig
 
@@ -161,6 +191,10 @@ def compare(size: str, num_instructions: int) -> dict:
     prompt_tokens = [row["prompt_tokens"] for row in rows]
     prefilled = sum(prompt_tokens) / max(1, len(prompt_tokens)) * response_record.rows_in
     utilisation_all = (response_record.tokens + prefilled) * per_token / response_record.seconds / (gflops * 1e9)
+    # The typical cached length of a decode step: a prompt and half a response.
+    context = round(sum(prompt_tokens) / max(1, len(prompt_tokens)) + sum(
+        t for row in rows for t in row["response_tokens"]) / max(1, 2 * sum(len(row["response_tokens"]) for row in rows)))
+    step = decode_step_seconds(model, config.generation_batch_size, context)
     return {
         "size": size, "instructions": num_instructions,
         "params_millions": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -169,6 +203,8 @@ def compare(size: str, num_instructions: int) -> dict:
         "naive_tokens": naive["tokens"],
         "matmul_gflops": gflops, "flops_per_token": per_token, "response_utilisation": utilisation,
         "response_utilisation_with_prompts": utilisation_all,
+        "decode_step": {"batch": config.generation_batch_size, "context": context, "seconds": step,
+                        "utilisation": config.generation_batch_size * per_token / step / (gflops * 1e9)},
         "instruction_lengths": percentiles([row["instruction_tokens"] for row in rows]),
         "response_lengths": percentiles([t for row in rows for t in row["response_tokens"]]),
         "responses_at_cap": sum(r == "length" for row in rows for r in row["response_finish_reasons"])
@@ -198,6 +234,9 @@ def print_comparison(c: dict) -> None:
     print(f"fp32 matmul throughput measured: {c['matmul_gflops']:.1f} GFLOP/s; response stage "
           f"{c['response_utilisation']:.0%} of it ({c['flops_per_token'] / 1e6:.1f} MFLOP per generated token); "
           f"{c['response_utilisation_with_prompts']:.0%} counting the prompt tokens it prefills too")
+    d = c["decode_step"]
+    print(f"ceiling: one decode step alone (batch {d['batch']}, {d['context']} cached tokens, sampling included) takes "
+          f"{d['seconds'] * 1e3:.0f} ms, {d['utilisation']:.0%} of the matmul throughput")
     print(f"lengths (min / p10 / median / p90 / max): instructions {c['instruction_lengths']}, responses "
           f"{c['response_lengths']}; responses at the cap {c['responses_at_cap']:.1%}")
     print(f"peak RSS {c['peak_rss_mb']:.0f} MB")
