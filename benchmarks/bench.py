@@ -3,6 +3,7 @@
     python benchmarks/bench.py                       # both sizes, K = 16 and 64, scaling table (~20 min)
     python benchmarks/bench.py --instructions 16 64 256   # adds the steady-state comparison (~35 min)
     python benchmarks/bench.py --sizes tiny --scaling 64 256 1024 4096
+    python benchmarks/bench.py --sizes small --instructions 64 256 --procs 2 --scaling   # the whole 2-core machine
 
 For each model size (tiny, and small: hidden 512, 8 layers, 8/2 query/key-value heads, vocab 8k, 30.5M
 parameters), in one process and on
@@ -12,7 +13,9 @@ identical work (the same instructions, N responses each, the same token caps):
   call per response.
 It prints tokens/s, seconds per instruction, peak RSS, the length distributions, the our/naive ratio per stage and
 overall, and compute utilisation: model FLOPs per generated token x tokens / time, divided by the fp32 matmul
-throughput measured in the same run. Scaling runs each K in its own process (so peak RSS is that run's own).
+throughput measured in the same run. With `--procs N` the build runs N worker processes of one thread each
+(`num_proc`), the naive baseline N torch threads, and the matmul throughput is measured with N threads (peak RSS is
+then the parent's only). Scaling runs each K in its own process (so peak RSS is that run's own).
 """
 
 import argparse
@@ -37,10 +40,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_gflops(size: int = 1024, repeats: int = 10) -> float:
-    """Best fp32 matmul throughput of this process (same thread count as the build)."""
+def matmul_gflops(size: int = 1024, repeats: int = 10, threads: int = 1) -> float:
+    """Best fp32 matmul throughput with `threads` threads (the build's processes x their one thread each)."""
     import torch
 
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)
     best = 0.0
@@ -48,6 +53,7 @@ def matmul_gflops(size: int = 1024, repeats: int = 10) -> float:
         start = time.perf_counter()
         torch.mm(a, b)
         best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    torch.set_num_threads(previous)
     return best
 
 
@@ -110,7 +116,7 @@ def percentiles(values) -> str:
 # ------------------------------------------------------------------------------------------------ naive baseline
 
 
-def naive_baseline(config, instructions_kept: list[str]) -> dict:
+def naive_baseline(config, instructions_kept: list[str], threads: int = 1) -> dict:
     """One generate per instruction and per response, one reward call per response (research-script style)."""
     import torch
     from transformers import GenerationConfig
@@ -122,6 +128,8 @@ def naive_baseline(config, instructions_kept: list[str]) -> dict:
     generator, reward = model_specs(config)
     model, tokenizer = load_generator(generator)
     reward_model, reward_tokenizer = load_reward_model(reward)
+    # A research script takes torch's default: every core of the machine as threads.
+    torch.set_num_threads(threads)
     pre_query = pre_query_of(config, generator)
     times, tokens = {}, {}
 
@@ -159,17 +167,18 @@ def naive_baseline(config, instructions_kept: list[str]) -> dict:
                                                                  day=config.chat_template_date))
             reward_model(input_ids=torch.tensor([ids]))
     times["rewards"] = time.perf_counter() - start
+    torch.set_num_threads(1)
     return {"seconds": times, "tokens": tokens}
 
 
 # ------------------------------------------------------------------------------------------------ one comparison
 
 
-def compare(size: str, num_instructions: int) -> dict:
+def compare(size: str, num_instructions: int, procs: int = 1) -> dict:
     from builder.build import build, model_specs
     from builder.models import load_generator
 
-    config = config_for(size, num_instructions)
+    config = config_for(size, num_instructions, num_proc=procs)
     load_generator(model_specs(config)[0])  # load (and build) the models before any timing
     peak_before = peak_rss_mb()
     start = time.perf_counter()
@@ -180,10 +189,10 @@ def compare(size: str, num_instructions: int) -> dict:
     rows = [row for split in result.dataset.values() for row in split]
     kept = sorted({row["instruction"] for row in rows})
     # The naive run answers exactly the instructions that reached the response stage.
-    naive = naive_baseline(config, _instructions_after_filter(result, kept))
+    naive = naive_baseline(config, _instructions_after_filter(result, kept), threads=procs)
     naive_total = sum(naive["seconds"].values())
     model, _ = load_generator(model_specs(config)[0])
-    gflops = matmul_gflops()
+    gflops = matmul_gflops(threads=procs)
     per_token = flops_per_token(model)
     response_record = ledger.get("responses")
     utilisation = response_record.tokens * per_token / response_record.seconds / (gflops * 1e9)
@@ -195,8 +204,9 @@ def compare(size: str, num_instructions: int) -> dict:
     context = round(sum(prompt_tokens) / max(1, len(prompt_tokens)) + sum(
         t for row in rows for t in row["response_tokens"]) / max(1, 2 * sum(len(row["response_tokens"]) for row in rows)))
     step = decode_step_seconds(model, config.generation_batch_size, context)
+    one_thread = gflops if procs == 1 else matmul_gflops()  # a step runs in one process, on one thread
     return {
-        "size": size, "instructions": num_instructions,
+        "size": size, "instructions": num_instructions, "procs": procs,
         "params_millions": sum(p.numel() for p in model.parameters()) / 1e6,
         "ours_seconds": ours, "ours_total": ours_total, "naive_seconds": naive["seconds"], "naive_total": naive_total,
         "ours_tokens": {r.name: r.tokens for r in ledger.stages if r.tokens},
@@ -204,7 +214,7 @@ def compare(size: str, num_instructions: int) -> dict:
         "matmul_gflops": gflops, "flops_per_token": per_token, "response_utilisation": utilisation,
         "response_utilisation_with_prompts": utilisation_all,
         "decode_step": {"batch": config.generation_batch_size, "context": context, "seconds": step,
-                        "utilisation": config.generation_batch_size * per_token / step / (gflops * 1e9)},
+                        "utilisation": config.generation_batch_size * per_token / step / (one_thread * 1e9)},
         "instruction_lengths": percentiles([row["instruction_tokens"] for row in rows]),
         "response_lengths": percentiles([t for row in rows for t in row["response_tokens"]]),
         "responses_at_cap": sum(r == "length" for row in rows for r in row["response_finish_reasons"])
@@ -220,8 +230,10 @@ def _instructions_after_filter(result, kept) -> list[str]:
 
 
 def print_comparison(c: dict) -> None:
+    machine = "1 thread" if c["procs"] == 1 else (f"ours {c['procs']} processes x 1 thread (num_proc), naive "
+                                                    f"{c['procs']} threads")
     print(f"\n== {c['size']} model ({c['params_millions']:.1f}M parameters), {c['instructions']} instructions x 5 "
-          f"responses, caps 64/128 tokens, fp32, {os.environ.get('MAGPIE_CPU_THREADS', '1')} thread")
+          f"responses, caps 64/128 tokens, fp32, {machine}")
     print(f"{'stage':<14}{'ours s':>9}{'naive s':>9}{'ratio':>8}{'ours tok/s':>12}{'naive tok/s':>12}")
     for stage in ("instructions", "responses", "rewards"):
         ours, naive = c["ours_seconds"][stage], c["naive_seconds"][stage]
@@ -236,7 +248,7 @@ def print_comparison(c: dict) -> None:
           f"{c['response_utilisation_with_prompts']:.0%} counting the prompt tokens it prefills too")
     d = c["decode_step"]
     print(f"ceiling: one decode step alone (batch {d['batch']}, {d['context']} cached tokens, sampling included) takes "
-          f"{d['seconds'] * 1e3:.0f} ms, {d['utilisation']:.0%} of the matmul throughput")
+          f"{d['seconds'] * 1e3:.0f} ms, {d['utilisation']:.0%} of one thread's matmul throughput")
     print(f"lengths (min / p10 / median / p90 / max): instructions {c['instruction_lengths']}, responses "
           f"{c['response_lengths']}; responses at the cap {c['responses_at_cap']:.1%}")
     print(f"peak RSS {c['peak_rss_mb']:.0f} MB")
@@ -286,6 +298,9 @@ def main():
     parser.add_argument("--instructions", nargs="+", type=int, default=[16, 64],
                         help="K values of the baseline comparison (16: the issue's setting, all tail; 64: a full "
                              "continuous batch)")
+    parser.add_argument("--procs", nargs="+", type=int, default=[1],
+                        help="processes of the build (num_proc, one thread each) against a naive baseline with as many "
+                             "threads; 2 uses both cores of the CI machine")
     parser.add_argument("--scaling", nargs="*", type=int, default=None,
                         help="K values of the scaling table (default 64 256 1024, plus 4096 on tiny)")
     parser.add_argument("--scaling-run", nargs=2, metavar=("SIZE", "K"), help=argparse.SUPPRESS)
@@ -302,8 +317,9 @@ def main():
         print(json.dumps(scaling_run(args.scaling_run[0], int(args.scaling_run[1]))))
         return
     for size in args.sizes:
-        for k in args.instructions:
-            print_comparison(compare(size, k))
+        for procs in args.procs:
+            for k in args.instructions:
+                print_comparison(compare(size, k, procs))
     for size in args.sizes:
         ks = args.scaling if args.scaling is not None else [64, 256, 1024] + ([4096] if size == "tiny" else [])
         if ks:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
+PREFILL_TOKENS = 512  # padded prompt tokens per prefill pass (with fewer rows the matmuls run far below peak)
 # splitmix64 constants, as signed int64 (torch has no uint64 arithmetic; int64 multiplication wraps).
 _C1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _C2 = 0x94D049BB133111EB - (1 << 64)
@@ -179,21 +180,6 @@ def common_prefix_length(sequences: list[list[int]]) -> int:
     while length < shortest - 1 and all(s[length] == first[length] for s in sequences):
         length += 1
     return length
-
-
-def length_groups(lengths: list[int], slack: float = 1.25) -> list[list[int]]:
-    """Indices of `lengths` in length-sorted groups whose padded size (count x longest) stays within `slack` times
-    their real size (plus a few tokens, so short prompts still go together)."""
-    groups: list[list[int]] = []
-    total = 0
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        if groups and (len(groups[-1]) + 1) * lengths[i] <= slack * (total + lengths[i]) + 8:
-            groups[-1].append(i)
-            total += lengths[i]
-        else:
-            groups.append([i])
-            total = lengths[i]
-    return groups
 
 
 @dataclass
@@ -389,8 +375,9 @@ def sample(
     """Samples `num_samples` completions of every prompt, `len(prompts) * num_samples` in all, grouped by prompt.
 
     Continuous batching: up to `max_batch_size` sequences decode together; when enough have finished, waiting
-    completions take their rows (their prompts prefilled together, once per distinct prompt, the N samples of a
-    prompt sharing that prefill), so the batch stays full until the queue runs dry. Then finished rows are retired
+    completions take their rows, so the batch stays full until the queue runs dry. Prompts are prefilled once each
+    (the N samples of a prompt share that prefill), a few hundred tokens at a time ahead of need, on top of the
+    prefix all prompts share, which runs once. Then finished rows are retired
     once they are an eighth of the batch (retiring at every finish would copy the whole cache each time).
 
     Args:
@@ -421,7 +408,12 @@ def sample(
     cache_kwarg = cache_argument(model, cache)
     seed_tensor = torch.tensor(seeds, dtype=torch.int64, device=device)
     stop_ids = torch.tensor(sorted(params.stop_token_ids), dtype=torch.long, device=device)
-    waiting = list(range(total - 1, -1, -1))  # a stack of completion indices, next one last
+    # Prompts are admitted shortest first, so each staged prefill pads little (a completion's text does not
+    # depend on when it is admitted).
+    order = sorted(range(len(prompts)), key=lambda p: len(prompts[p]))
+    waiting = [p * num_samples + j for p in reversed(order) for j in reversed(range(num_samples))]  # next one last
+    staged: dict[int, tuple[DynamicCache, int, torch.Tensor]] = {}  # prompt -> (prefill cache, its row, logits)
+    next_to_stage = 0  # position in `order`
     holder: list[int | None] = [None] * rows  # the completion each batch row holds; None = free
     next_tokens = torch.zeros(rows, dtype=torch.long, device=device)
     positions = torch.zeros(rows, dtype=torch.long, device=device)
@@ -442,32 +434,49 @@ def sample(
                 if len(generated[completion]) == params.max_new_tokens:
                     holder[row] = None
 
+    def stage() -> None:
+        """Prefills the next prompts in admission order together, `PREFILL_TOKENS` padded tokens' worth: refills
+        free a few rows at a time, and a prefill of one or two prompts would waste the pass over the weights."""
+        nonlocal next_to_stage
+        chunk = [order[next_to_stage]]
+        while next_to_stage + len(chunk) < len(order):
+            longest = len(prompts[order[next_to_stage + len(chunk)]]) - root  # sorted: the newcomer is the longest
+            if (len(chunk) + 1) * longest > PREFILL_TOKENS:
+                break
+            chunk.append(order[next_to_stage + len(chunk)])
+        next_to_stage += len(chunk)
+        prefilled, logits = prefill(model, [prompts[p][root:] for p in chunk], pad_token_id, shared)
+        for row, p in enumerate(chunk):
+            staged[p] = (prefilled, row, logits)
+
     def admit() -> None:
-        """Gives free rows to waiting completions: their prompts prefilled once each (in batches of similar
-        length), their first tokens sampled."""
+        """Gives free rows to waiting completions: their prompts' staged prefills copied in (the N samples of a
+        prompt share one), their first tokens sampled."""
         nonlocal batch
         free = [r for r in range(rows) if holder[r] is None]
         taken = [waiting.pop() for _ in range(min(len(free), len(waiting)))]
-        row_of = dict(zip(taken, free))
-        samples_of: dict[int, list[int]] = {}
-        for completion in taken:
-            samples_of.setdefault(completion // num_samples, []).append(completion)
-        distinct = list(samples_of)
-        for group in length_groups([len(prompts[p]) - root for p in distinct]):
-            group_prompts = [distinct[i] for i in group]
-            prefilled, logits = prefill(model, [prompts[p][root:] for p in group_prompts], pad_token_id, shared)
-            members = [(source, c) for source, p in enumerate(group_prompts) for c in samples_of[p]]
-            targets = [row_of[c] for _, c in members]
-            source_rows = torch.tensor([source for source, _ in members], device=device)
+        by_source: dict[int, list[tuple[int, int, int]]] = {}  # id(prefill cache) -> (row, completion, its row there)
+        for row, completion in zip(free, taken):
+            if completion // num_samples not in staged:
+                stage()
+            prefilled, source_row, _ = staged[completion // num_samples]
+            by_source.setdefault(id(prefilled), []).append((row, completion, source_row))
+        for members in by_source.values():
+            prefilled, _, logits = staged[members[0][1] // num_samples]
+            targets = [row for row, _, _ in members]
             target_rows = torch.tensor(targets, device=device)
-            lengths = torch.tensor([len(prompts[c // num_samples]) for _, c in members], device=device)
+            source_rows = torch.tensor([source_row for _, _, source_row in members], device=device)
+            lengths = torch.tensor([len(prompts[c // num_samples]) for _, c, _ in members], device=device)
             cache.fill_rows(target_rows, prefilled, source_rows, prefilled.layers[0].length, lengths)
-            for row, (_, completion) in zip(targets, members):
+            for row, completion, _ in members:
                 holder[row] = completion
             positions[target_rows] = lengths
             batch = max(batch, max(targets) + 1)
             cache.set_batch(batch)
             take_tokens(targets, logits[source_rows])
+        for completion in taken:  # a prompt's samples are admitted in order: after its last, its prefill can go
+            if completion % num_samples == num_samples - 1:
+                del staged[completion // num_samples]
 
     while True:
         live = [r for r in range(batch) if holder[r] is not None]

@@ -125,7 +125,8 @@ def greedy_without_cache(model, prompt, steps):
     return ids[len(prompt):]
 
 
-def test_the_shared_prefix_runs_once_and_matches_a_full_recompute():
+def test_the_shared_prefix_runs_once_and_matches_a_full_recompute(monkeypatch):
+    from builder import generation
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -134,6 +135,7 @@ def test_the_shared_prefix_runs_once_and_matches_a_full_recompute():
         num_key_value_heads=2, max_position_embeddings=128)).eval()
     prefix = [1, 5, 9, 3, 4, 4, 8]
     prompts = [prefix + [2], prefix + [7, 7, 7, 7, 7, 8, 9, 10], prefix + [3, 11], prefix + [6, 6, 6, 6]]
+    expected = [greedy_without_cache(model, p, 12) for p in prompts]
     widths = []
     forward = model.forward
 
@@ -143,14 +145,18 @@ def test_the_shared_prefix_runs_once_and_matches_a_full_recompute():
         return forward(*args, **kwargs)
 
     model.forward = spy
-    # Batch 3 with 4 prompts: a refill joins a running batch, its prompts prefilled on the shared prefix again.
+    # Batch 3 with 4 prompts: a refill joins a running batch.
     got = sample(model, prompts, [0, 1, 2, 3], SamplingParams(0.0, 1.0, 12, ()), max_batch_size=3)
+    assert [c.token_ids for c in got] == expected
+    # The shared prefix once, then every prompt's own tokens in one pass (shortest first, padded to the longest).
+    assert [w for w in widths if w > 1] == [len(prefix), 8]
+    # Prefill passes of at most 4 padded tokens: the prompts are staged in several passes, as refills need them.
+    monkeypatch.setattr(generation, "PREFILL_TOKENS", 4)
+    widths.clear()
+    got = sample(model, prompts, [0, 1, 2, 3], SamplingParams(0.0, 1.0, 12, ()), max_batch_size=3)
+    assert [c.token_ids for c in got] == expected
+    assert widths[0] == len(prefix) and sorted(w for w in widths[1:] if w > 1) == [2, 4, 8]
     model.forward = forward
-    assert [c.token_ids for c in got] == [greedy_without_cache(model, p, 12) for p in prompts]
-    prefills = [w for w in widths if w > 1]
-    assert prefills[0] == len(prefix)  # the shared prefix, once
-    assert max(prefills[1:]) == 8  # then only each prompt's own tokens, padded to the longest of its refill
-    assert len(prefills) >= 3  # at least two refills
 
     # The prefilled keys, values and logits themselves: right-aligned, they equal a prefill of the whole prompts.
     shared = shared_prefix(model, prompts)
