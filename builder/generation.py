@@ -7,8 +7,9 @@ Why not `model.generate`: three things a dataset builder needs that it does not 
 - Every sample has its own seed, and the random numbers are a pure function of (seed, step, token id): a row's
   text does not depend on the batch it landed in, so batch size, `num_proc`, sharding across nodes and resuming
   after a crash all give the same dataset.
-- The N responses of one instruction share one prefill (the KV cache is repeated, not recomputed), and finished
-  sequences are retired from the batch instead of decoding padding until the longest one ends.
+- The N responses of one instruction share one prefill (the KV cache is repeated, not recomputed), so does the
+  prefix all prompts start with (the chat template's system block and user header), and finished sequences are
+  retired from the batch instead of decoding padding until the longest one ends.
 """
 
 import inspect
@@ -18,6 +19,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 PREFILL_TOKENS = 512  # padded prompt tokens per prefill pass (with fewer rows the matmuls run far below peak)
+
 # splitmix64 constants, as signed int64 (torch has no uint64 arithmetic; int64 multiplication wraps).
 _C1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _C2 = 0x94D049BB133111EB - (1 << 64)
@@ -375,10 +377,10 @@ def sample(
     """Samples `num_samples` completions of every prompt, `len(prompts) * num_samples` in all, grouped by prompt.
 
     Continuous batching: up to `max_batch_size` sequences decode together; when enough have finished, waiting
-    completions take their rows, so the batch stays full until the queue runs dry. Prompts are prefilled once each
-    (the N samples of a prompt share that prefill), a few hundred tokens at a time ahead of need, on top of the
-    prefix all prompts share, which runs once. Then finished rows are retired
+    completions take their rows, so the batch stays full until the queue runs dry. Then finished rows are retired
     once they are an eighth of the batch (retiring at every finish would copy the whole cache each time).
+    Prompts are prefilled once each (the N samples of a prompt share that prefill), shortest first and a few hundred
+    tokens per pass ahead of need, on top of the prefix all prompts share, which runs once.
 
     Args:
         model: a causal LM (`AutoModelForCausalLM`), on its device.
