@@ -295,7 +295,7 @@ def print_scaling(size: str, runs: list[dict]) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"])
-    parser.add_argument("--instructions", nargs="+", type=int, default=[16, 64],
+    parser.add_argument("--instructions", nargs="*", type=int, default=[16, 64],
                         help="K values of the baseline comparison (16: the issue's setting, all tail; 64: a full "
                              "continuous batch)")
     parser.add_argument("--procs", nargs="+", type=int, default=[1],
