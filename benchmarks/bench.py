@@ -81,9 +81,8 @@ def decode_step_seconds(model, batch: int, context: int, repeats: int = 5) -> fl
     for _ in range(repeats + 1):
         cache = new_cache(model, context + 1)
         for layer in cache.layers:
-            layer.key_buffer = torch.randn(batch, kv_heads, context + 1, head_dim)
-            layer.value_buffer = torch.randn(batch, kv_heads, context + 1, head_dim)
-            layer.device, layer.is_initialized, layer.length = input_ids.device, True, context
+            layer.hold(torch.randn(batch, kv_heads, context + 1, head_dim),
+                       torch.randn(batch, kv_heads, context + 1, head_dim), context)
         start = time.perf_counter()
         with torch.inference_mode():
             out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,

@@ -69,8 +69,8 @@ def sample_completions(spec: ModelSpec, rank: int | None, prompts: list[list[int
                        max_batch_size: int = 64):
     """(completions, tokenizer): `len(prompts) * num_samples` completions, grouped by prompt.
 
-    `same_prompt` says every prompt is the same (the instruction stage): transformers then prefills it once per
-    refill; vLLM finds the shared prefix in its own prefix cache. `max_batch_size` is the transformers engine's
+    `same_prompt` says every prompt is the same (the instruction stage): transformers then holds it once and
+    prefills it once per call; vLLM finds the shared prefix in its own prefix cache. `max_batch_size` is the transformers engine's
     continuous batch (vLLM schedules its own).
     """
     if spec.engine == "vllm":

@@ -131,6 +131,11 @@ class PrefillLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def hold(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> None:
+        """Takes the given buffers, their first `length` positions already filled (a prefix computed elsewhere)."""
+        self.key_buffer, self.value_buffer = key_buffer, value_buffer
+        self.device, self.is_initialized, self.length = key_buffer.device, True, length
+
 
 def cache_argument(model, cache) -> dict:
     """`{"cache": cache}` or `{"past_key_values": cache}`: transformers renamed the argument in 5.x, and models
@@ -222,10 +227,9 @@ def prefill(model, prompts: list[list[int]], pad_token_id: int, shared: SharedPr
     cache = new_cache(model, root + width)
     if shared:
         for layer, (keys, values) in zip(cache.layers, shared.layers):
-            layer.key_buffer = keys.new_empty((rows, keys.shape[1], root + width, keys.shape[-1]))
-            layer.value_buffer = values.new_empty((rows, values.shape[1], root + width, values.shape[-1]))
+            layer.hold(keys.new_empty((rows, keys.shape[1], root + width, keys.shape[-1])),
+                       values.new_empty((rows, values.shape[1], root + width, values.shape[-1])), root)
             layer.key_buffer[:, :, :root], layer.value_buffer[:, :, :root] = keys, values
-            layer.device, layer.is_initialized, layer.length = keys.device, True, root
         mask = torch.cat([mask.new_ones((rows, root)), mask], dim=-1)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, root:]
     kwargs = {"logits_to_keep": 1} if causal_lm else {}

@@ -69,12 +69,11 @@ def _prefix_cache(model, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]]
     cache = new_cache(model, capacity)
     for index, layer in enumerate(cache.layers):
         like = prefixes[0][index][0]
-        layer.key_buffer = like.new_zeros((len(prefixes), like.shape[0], capacity, like.shape[-1]))
-        layer.value_buffer = torch.zeros_like(layer.key_buffer)
+        keys = like.new_zeros((len(prefixes), like.shape[0], capacity, like.shape[-1]))
+        layer.hold(keys, torch.zeros_like(keys), width)
         for row, (prefix, length) in enumerate(zip(prefixes, lengths)):
             layer.key_buffer[row, :, width - length : width], layer.value_buffer[row, :, width - length : width] = \
                 prefix[index]
-        layer.device, layer.is_initialized, layer.length = like.device, True, width
     mask = torch.zeros((len(prefixes), width), dtype=torch.long)  # on the CPU, like the caller's suffix mask
     for row, length in enumerate(lengths):
         mask[row, width - length :] = 1
