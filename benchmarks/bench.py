@@ -13,9 +13,10 @@ identical work (the same instructions, N responses each, the same token caps):
   call per response.
 It prints tokens/s, seconds per instruction, peak RSS, the length distributions, the our/naive ratio per stage and
 overall, and compute utilisation: model FLOPs per generated token x tokens / time, divided by the fp32 matmul
-throughput measured in the same run. With `--procs N` the build runs N worker processes of one thread each
-(`num_proc`), the naive baseline N torch threads, and the matmul throughput is measured with N threads (peak RSS is
-then the parent's only). Scaling runs each K in its own process (so peak RSS is that run's own).
+throughput measured in the same run (the best of a measurement before and one after the build). With `--procs N`
+the build runs N worker processes of one thread each (`num_proc`), the naive baseline N torch threads, and the
+matmul throughput is measured with N threads (peak RSS is then the parent's only). Scaling runs each K in its own
+process (so peak RSS is that run's own).
 """
 
 import argparse
@@ -179,6 +180,9 @@ def compare(size: str, num_instructions: int, procs: int = 1) -> dict:
 
     config = config_for(size, num_instructions, num_proc=procs)
     load_generator(model_specs(config)[0])  # load (and build) the models before any timing
+    # The machine's matmul throughput, before and after the build: this VM's speed drifts by up to a third within
+    # minutes, and a slow reading would flatter the utilisation, so the best of the two is the denominator.
+    gflops_before = matmul_gflops(threads=procs)
     peak_before = peak_rss_mb()
     start = time.perf_counter()
     result = build(config)
@@ -191,7 +195,7 @@ def compare(size: str, num_instructions: int, procs: int = 1) -> dict:
     naive = naive_baseline(config, _instructions_after_filter(result, kept), threads=procs)
     naive_total = sum(naive["seconds"].values())
     model, _ = load_generator(model_specs(config)[0])
-    gflops = matmul_gflops(threads=procs)
+    gflops = max(gflops_before, matmul_gflops(threads=procs))
     per_token = flops_per_token(model)
     response_record = ledger.get("responses")
     utilisation = response_record.tokens * per_token / response_record.seconds / (gflops * 1e9)
@@ -203,7 +207,7 @@ def compare(size: str, num_instructions: int, procs: int = 1) -> dict:
     context = round(sum(prompt_tokens) / max(1, len(prompt_tokens)) + sum(
         t for row in rows for t in row["response_tokens"]) / max(1, 2 * sum(len(row["response_tokens"]) for row in rows)))
     step = decode_step_seconds(model, config.generation_batch_size, context)
-    one_thread = gflops if procs == 1 else matmul_gflops()  # a step runs in one process, on one thread
+    one_thread = gflops if procs == 1 else max(matmul_gflops(), matmul_gflops())  # a step runs on one thread
     return {
         "size": size, "instructions": num_instructions, "procs": procs,
         "params_millions": sum(p.numel() for p in model.parameters()) / 1e6,

@@ -12,11 +12,16 @@ Why not `model.generate`: three things a dataset builder needs that it does not 
   retired from the batch instead of decoding padding until the longest one ends.
 """
 
+import contextlib
+import contextvars
 import inspect
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PREFILL_TOKENS = 512  # padded prompt tokens per prefill pass (with fewer rows the matmuls run far below peak)
 
@@ -213,13 +218,14 @@ def shared_prefix(model, sequences: list[list[int]], minimum: int = 1) -> Shared
 
 
 def prefill(model, prompts: list[list[int]], pad_token_id: int, shared: SharedPrefix | None = None,
-            causal_lm: bool = True):
+            causal_lm: bool = True, realign: bool = True):
     """Runs `prompts` in one left-padded batch, on top of `shared`'s keys and values when given (then `prompts` are
     the tokens after the shared prefix).
 
     Returns `(cache, logits)`: a cache of `PrefillLayer`s in which every row's whole prompt (shared prefix included)
     ends at the last column, with finite values in every column left of it; and the logits at each prompt's last
-    token (None unless `causal_lm`).
+    token (None unless `causal_lm`). With `realign=False` the prefix stays in the first columns, where it was
+    prefilled: a caller that keeps only the prompts' own columns (cascade decoding) has no use for the move.
     """
     input_ids, mask = pad_batch(prompts, pad_token_id, left=True, device=model.device)
     rows, width = input_ids.shape
@@ -235,7 +241,7 @@ def prefill(model, prompts: list[list[int]], pad_token_id: int, shared: SharedPr
     kwargs = {"logits_to_keep": 1} if causal_lm else {}
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **kwargs,
                 **cache_argument(model, cache))
-    if shared:
+    if shared and realign:
         # Row i is [prefix | padding | own tokens]; move the prefix right, next to its own tokens. Columns left of
         # the prefix keep a copy of what was there (prefix or padding keys): finite, and masked by every reader.
         padding = width - mask[:, root:].sum(-1, keepdim=True)
@@ -246,6 +252,78 @@ def prefill(model, prompts: list[list[int]], pad_token_id: int, shared: SharedPr
             layer.key_buffer = layer.key_buffer.gather(2, index)
             layer.value_buffer = layer.value_buffer.gather(2, index)
     return cache, (out.logits[:, -1] if causal_lm else None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cascade attention: the shared prefix is read once per decode step, not once per row
+
+CASCADE_ATTENTION = "magpie_cascade"
+_decode_prefix: contextvars.ContextVar[SharedPrefix | None] = contextvars.ContextVar("decode_prefix", default=None)
+
+
+def cascade_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                      **kwargs):
+    """A decode step's attention over the shared prefix and each row's own columns, as one softmax.
+
+    The rows' caches hold only their own tokens; the prefix's keys and values (`[1, kv_heads, P, dim]`, set for
+    the step with `_decode_prefix`) are multiplied with all rows' queries in one matmul, instead of being copied
+    into every row and read `rows` times (a third of a step's attention at Magpie's prompt lengths, measured).
+    Scores and softmax are those of transformers' eager attention (softmax in float32); SDPA runs every other
+    forward (prefills, and any call outside a decode step).
+    """
+    prefix = _decode_prefix.get()
+    if prefix is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    prefix_keys, prefix_values = prefix.layers[module.layer_idx]
+    batch, heads, q_length, dim = query.shape
+    kv_heads, length = key.shape[1], prefix_keys.shape[-2]
+    if q_length != 1 or any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "sinks", "position_bias")):
+        # Not a plain decode step: put the prefix in front of every row and let SDPA do it (slow, always right).
+        key = torch.cat([prefix_keys.expand(batch, -1, -1, -1), key], dim=2)
+        value = torch.cat([prefix_values.expand(batch, -1, -1, -1), value], dim=2)
+        if attention_mask is not None:
+            opened = attention_mask.new_ones((*attention_mask.shape[:-1], length)) if attention_mask.dtype == torch.bool \
+                else attention_mask.new_zeros((*attention_mask.shape[:-1], length))
+            attention_mask = torch.cat([opened, attention_mask], dim=-1)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scaling = dim**-0.5 if scaling is None else scaling
+    groups = heads // kv_heads
+    # Grouped-query heads of one key/value head become rows of one small matmul (no repeated keys).
+    query = query.reshape(batch, kv_heads, groups, dim)
+    own = torch.matmul(query, key.transpose(-1, -2)).float() * scaling  # [batch, kv_heads, groups, columns]
+    if attention_mask is not None:
+        own = own.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool \
+            else own + attention_mask
+    stacked = query.transpose(0, 1).reshape(kv_heads, batch * groups, dim)  # every row's queries, per head
+    shared = torch.matmul(stacked, prefix_keys[0].transpose(-1, -2)).float() * scaling  # [kv_heads, batch*groups, P]
+    shared = shared.view(kv_heads, batch, groups, length).transpose(0, 1)
+    weights = torch.softmax(torch.cat([shared, own], dim=-1), dim=-1).to(value.dtype)
+    out = torch.matmul(weights[..., length:], value)
+    on_prefix = weights[..., :length].transpose(0, 1).reshape(kv_heads, batch * groups, length)
+    out += torch.matmul(on_prefix, prefix_values[0]).view(kv_heads, batch, groups, dim).transpose(0, 1)
+    return out.reshape(batch, 1, heads, dim), None
+
+
+AttentionInterface.register(CASCADE_ATTENTION, cascade_attention)
+AttentionMaskInterface.register(CASCADE_ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def cascade_decoding(model, shared: SharedPrefix | None):
+    """Switches `model` to `cascade_attention` for the block, yielding whether it did: only from SDPA (the masks
+    and the fallback are SDPA's), with a shared prefix to read, and for models that can switch (transformers'
+    attention interface). The model's implementation is restored on exit."""
+    if shared is None or model.config._attn_implementation != "sdpa" or not all(
+            hasattr(module, "layer_idx") for name, module in model.named_modules() if name.endswith("self_attn")):
+        yield False
+        return
+    model.set_attn_implementation(CASCADE_ATTENTION)
+    try:
+        yield model.config._attn_implementation == CASCADE_ATTENTION
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -300,8 +378,9 @@ class SlotCache(DynamicCache):
         return self.layers[0].length
 
     def fill_rows(self, rows: torch.Tensor, source: DynamicCache, source_rows: torch.Tensor, width: int,
-                  prompt_lengths: torch.Tensor) -> None:
-        """Copies prefilled prompts (left-padded to `width` in `source`) into `rows`, ending at the write column."""
+                  prompt_lengths: torch.Tensor, skip: int = 0) -> None:
+        """Copies prefilled prompts (left-padded to `width` in `source`, after its first `skip` columns) into `rows`,
+        ending at the write column. `prompt_lengths` counts the tokens copied."""
         if not self.layers[0].is_initialized:
             for layer, prefilled in zip(self.layers, source.layers):
                 like = prefilled.key_buffer
@@ -318,7 +397,7 @@ class SlotCache(DynamicCache):
                 buffer = getattr(layer, name)
                 # Masked columns still enter attention as 0 x value, and 0 x NaN is NaN: no stale garbage there.
                 buffer[here, :, :start] = 0
-                buffer[here, :, start:length] = getattr(prefilled, name)[there, :, :width]
+                buffer[here, :, start:length] = getattr(prefilled, name)[there, :, skip : skip + width]
         columns = torch.arange(self.columns, device=self.mask.device)
         self.mask[rows] = (columns >= length - prompt_lengths[:, None]) & (columns < length)
         for row, prompt_length in zip(rows.tolist(), prompt_lengths.tolist()):
@@ -409,101 +488,110 @@ def sample(
     # The tokens every prompt starts with run once, not once per refill (half of a short chat prompt).
     shared = shared_prefix(model, prompts)
     root = shared.length if shared else 0
-    rows = min(max_batch_size, total)
-    cache = SlotCache(model, rows, max(map(len, prompts)), params.max_new_tokens)
-    cache_kwarg = cache_argument(model, cache)
-    seed_tensor = torch.tensor(seeds, dtype=torch.int64, device=device)
-    stop_ids = torch.tensor(sorted(params.stop_token_ids), dtype=torch.long, device=device)
-    # Prompts are admitted shortest first, so each staged prefill pads little (a completion's text does not
-    # depend on when it is admitted).
-    order = sorted(range(len(prompts)), key=lambda p: len(prompts[p]))
-    waiting = [p * num_samples + j for p in reversed(order) for j in reversed(range(num_samples))]  # next one last
-    staged: dict[int, tuple[DynamicCache, int, torch.Tensor]] = {}  # prompt -> (prefill cache, its row, logits)
-    next_to_stage = 0  # position in `order`
-    holder: list[int | None] = [None] * rows  # the completion each batch row holds; None = free
-    next_tokens = torch.zeros(rows, dtype=torch.long, device=device)
-    positions = torch.zeros(rows, dtype=torch.long, device=device)
-    batch = 0  # rows [0, batch) go through the model
+    with cascade_decoding(model, shared) as cascade:
+        rows = min(max_batch_size, total)
+        # With cascade attention the slot cache holds each prompt's own tokens only; the prefix is read once per step.
+        kept = root if cascade else 0  # prompt columns the slot cache does not hold
+        cache = SlotCache(model, rows, max(map(len, prompts)) - kept, params.max_new_tokens)
+        cache_kwarg = cache_argument(model, cache)
+        seed_tensor = torch.tensor(seeds, dtype=torch.int64, device=device)
+        stop_ids = torch.tensor(sorted(params.stop_token_ids), dtype=torch.long, device=device)
+        # Prompts are admitted shortest first, so each staged prefill pads little (a completion's text does not
+        # depend on when it is admitted).
+        order = sorted(range(len(prompts)), key=lambda p: len(prompts[p]))
+        waiting = [p * num_samples + j for p in reversed(order) for j in reversed(range(num_samples))]  # next one last
+        staged: dict[int, tuple[DynamicCache, int, torch.Tensor]] = {}  # prompt -> (prefill cache, its row, logits)
+        next_to_stage = 0  # position in `order`
+        holder: list[int | None] = [None] * rows  # the completion each batch row holds; None = free
+        next_tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        positions = torch.zeros(rows, dtype=torch.long, device=device)
+        batch = 0  # rows [0, batch) go through the model
 
-    def take_tokens(batch_rows: list[int], logits: torch.Tensor) -> None:
-        """Samples the next token of each of `batch_rows` and files it; finished rows are freed."""
-        held = [holder[r] for r in batch_rows]
-        steps = torch.tensor([len(generated[c]) for c in held], device=device)
-        tokens = sample_next_tokens(logits, seed_tensor[held], steps, params)
-        next_tokens[batch_rows] = tokens
-        for row, completion, token, stopped in zip(batch_rows, held, tokens.tolist(),
-                                                   torch.isin(tokens, stop_ids).tolist()):
-            if stopped:
-                finish[completion], holder[row] = "stop", None
-            else:
-                generated[completion].append(token)
-                if len(generated[completion]) == params.max_new_tokens:
-                    holder[row] = None
+        def take_tokens(batch_rows: list[int], logits: torch.Tensor) -> None:
+            """Samples the next token of each of `batch_rows` and files it; finished rows are freed."""
+            held = [holder[r] for r in batch_rows]
+            steps = torch.tensor([len(generated[c]) for c in held], device=device)
+            tokens = sample_next_tokens(logits, seed_tensor[held], steps, params)
+            next_tokens[batch_rows] = tokens
+            for row, completion, token, stopped in zip(batch_rows, held, tokens.tolist(),
+                                                       torch.isin(tokens, stop_ids).tolist()):
+                if stopped:
+                    finish[completion], holder[row] = "stop", None
+                else:
+                    generated[completion].append(token)
+                    if len(generated[completion]) == params.max_new_tokens:
+                        holder[row] = None
 
-    def stage() -> None:
-        """Prefills the next prompts in admission order together, `PREFILL_TOKENS` padded tokens' worth: refills
-        free a few rows at a time, and a prefill of one or two prompts would waste the pass over the weights."""
-        nonlocal next_to_stage
-        chunk = [order[next_to_stage]]
-        while next_to_stage + len(chunk) < len(order):
-            longest = len(prompts[order[next_to_stage + len(chunk)]]) - root  # sorted: the newcomer is the longest
-            if (len(chunk) + 1) * longest > PREFILL_TOKENS:
+        def stage() -> None:
+            """Prefills the next prompts in admission order together, `PREFILL_TOKENS` padded tokens' worth: refills
+            free a few rows at a time, and a prefill of one or two prompts would waste the pass over the weights."""
+            nonlocal next_to_stage
+            chunk = [order[next_to_stage]]
+            while next_to_stage + len(chunk) < len(order):
+                longest = len(prompts[order[next_to_stage + len(chunk)]]) - root  # sorted: the newcomer is the longest
+                if (len(chunk) + 1) * longest > PREFILL_TOKENS:
+                    break
+                chunk.append(order[next_to_stage + len(chunk)])
+            next_to_stage += len(chunk)
+            prefilled, logits = prefill(model, [prompts[p][root:] for p in chunk], pad_token_id, shared,
+                                        realign=not cascade)
+            for row, p in enumerate(chunk):
+                staged[p] = (prefilled, row, logits)
+
+        def admit() -> None:
+            """Gives free rows to waiting completions: their prompts' staged prefills copied in (the N samples of a
+            prompt share one), their first tokens sampled."""
+            nonlocal batch
+            free = [r for r in range(rows) if holder[r] is None]
+            taken = [waiting.pop() for _ in range(min(len(free), len(waiting)))]
+            by_source: dict[int, list[tuple[int, int, int]]] = {}  # id(prefill cache) -> (row, completion, its row there)
+            for row, completion in zip(free, taken):
+                if completion // num_samples not in staged:
+                    stage()
+                prefilled, source_row, _ = staged[completion // num_samples]
+                by_source.setdefault(id(prefilled), []).append((row, completion, source_row))
+            for members in by_source.values():
+                prefilled, _, logits = staged[members[0][1] // num_samples]
+                targets = [row for row, _, _ in members]
+                target_rows = torch.tensor(targets, device=device)
+                source_rows = torch.tensor([source_row for _, _, source_row in members], device=device)
+                lengths = torch.tensor([len(prompts[c // num_samples]) for _, c, _ in members], device=device)
+                cache.fill_rows(target_rows, prefilled, source_rows, prefilled.layers[0].length - kept, lengths - kept,
+                                skip=kept)
+                for row, completion, _ in members:
+                    holder[row] = completion
+                positions[target_rows] = lengths
+                batch = max(batch, max(targets) + 1)
+                cache.set_batch(batch)
+                take_tokens(targets, logits[source_rows])
+            for completion in taken:  # a prompt's samples are admitted in order: after its last, its prefill can go
+                if completion % num_samples == num_samples - 1:
+                    del staged[completion // num_samples]
+
+        while True:
+            live = [r for r in range(batch) if holder[r] is not None]
+            free_rows = rows - len(live)
+            # Refill once a sixteenth of the batch is free (or everything): one prefill per refill, not per finish.
+            if waiting and (not live or free_rows >= min(len(waiting), max(1, rows // 16))):
+                admit()
+                continue
+            if not live:
                 break
-            chunk.append(order[next_to_stage + len(chunk)])
-        next_to_stage += len(chunk)
-        prefilled, logits = prefill(model, [prompts[p][root:] for p in chunk], pad_token_id, shared)
-        for row, p in enumerate(chunk):
-            staged[p] = (prefilled, row, logits)
-
-    def admit() -> None:
-        """Gives free rows to waiting completions: their prompts' staged prefills copied in (the N samples of a
-        prompt share one), their first tokens sampled."""
-        nonlocal batch
-        free = [r for r in range(rows) if holder[r] is None]
-        taken = [waiting.pop() for _ in range(min(len(free), len(waiting)))]
-        by_source: dict[int, list[tuple[int, int, int]]] = {}  # id(prefill cache) -> (row, completion, its row there)
-        for row, completion in zip(free, taken):
-            if completion // num_samples not in staged:
-                stage()
-            prefilled, source_row, _ = staged[completion // num_samples]
-            by_source.setdefault(id(prefilled), []).append((row, completion, source_row))
-        for members in by_source.values():
-            prefilled, _, logits = staged[members[0][1] // num_samples]
-            targets = [row for row, _, _ in members]
-            target_rows = torch.tensor(targets, device=device)
-            source_rows = torch.tensor([source_row for _, _, source_row in members], device=device)
-            lengths = torch.tensor([len(prompts[c // num_samples]) for _, c, _ in members], device=device)
-            cache.fill_rows(target_rows, prefilled, source_rows, prefilled.layers[0].length, lengths)
-            for row, completion, _ in members:
-                holder[row] = completion
-            positions[target_rows] = lengths
-            batch = max(batch, max(targets) + 1)
-            cache.set_batch(batch)
-            take_tokens(targets, logits[source_rows])
-        for completion in taken:  # a prompt's samples are admitted in order: after its last, its prefill can go
-            if completion % num_samples == num_samples - 1:
-                del staged[completion // num_samples]
-
-    while True:
-        live = [r for r in range(batch) if holder[r] is not None]
-        free_rows = rows - len(live)
-        # Refill once a sixteenth of the batch is free (or everything): one prefill per refill, not per finish.
-        if waiting and (not live or free_rows >= min(len(waiting), max(1, rows // 16))):
-            admit()
-            continue
-        if not live:
-            break
-        if not waiting and batch - len(live) >= max(1, batch // 8):
-            keep = torch.tensor(live, device=device)
-            cache.keep_rows(keep)
-            next_tokens[: len(live)], positions[: len(live)] = next_tokens[keep].clone(), positions[keep].clone()
-            holder[: len(live)] = [holder[r] for r in live]
-            holder[len(live) :] = [None] * (rows - len(live))
-            batch = len(live)
-            live = list(range(batch))
-        cache.reserve_column(live)
-        out = model(input_ids=next_tokens[:batch, None], attention_mask=cache.decode_mask(),
-                    position_ids=positions[:batch, None], use_cache=True, **cache_kwarg)
-        positions[:batch] += 1
-        take_tokens(live, out.logits[live, -1, :])
-    return [Completion(ids, reason) for ids, reason in zip(generated, finish)]
+            if not waiting and batch - len(live) >= max(1, batch // 8):
+                keep = torch.tensor(live, device=device)
+                cache.keep_rows(keep)
+                next_tokens[: len(live)], positions[: len(live)] = next_tokens[keep].clone(), positions[keep].clone()
+                holder[: len(live)] = [holder[r] for r in live]
+                holder[len(live) :] = [None] * (rows - len(live))
+                batch = len(live)
+                live = list(range(batch))
+            cache.reserve_column(live)
+            prefix_token = _decode_prefix.set(shared if cascade else None)
+            try:
+                out = model(input_ids=next_tokens[:batch, None], attention_mask=cache.decode_mask(),
+                            position_ids=positions[:batch, None], use_cache=True, **cache_kwarg)
+            finally:
+                _decode_prefix.reset(prefix_token)
+            positions[:batch] += 1
+            take_tokens(live, out.logits[live, -1, :])
+        return [Completion(ids, reason) for ids, reason in zip(generated, finish)]

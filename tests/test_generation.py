@@ -127,7 +127,7 @@ def greedy_without_cache(model, prompt, steps):
 
 def test_the_shared_prefix_runs_once_and_matches_a_full_recompute(monkeypatch):
     from builder import generation
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
@@ -145,11 +145,30 @@ def test_the_shared_prefix_runs_once_and_matches_a_full_recompute(monkeypatch):
         return forward(*args, **kwargs)
 
     model.forward = spy
+    cascade_steps = []
+    cascade = generation.cascade_attention
+
+    def cascade_spy(module, query, key, *args, **kwargs):
+        if generation._decode_prefix.get() is not None:
+            cascade_steps.append(key.shape[-2])  # the columns of the slot cache a decode step reads
+        return cascade(module, query, key, *args, **kwargs)
+
+    AttentionInterface.register(generation.CASCADE_ATTENTION, cascade_spy)
     # Batch 3 with 4 prompts: a refill joins a running batch.
     got = sample(model, prompts, [0, 1, 2, 3], SamplingParams(0.0, 1.0, 12, ()), max_batch_size=3)
     assert [c.token_ids for c in got] == expected
     # The shared prefix once, then every prompt's own tokens in one pass (shortest first, padded to the longest).
     assert [w for w in widths if w > 1] == [len(prefix), 8]
+    # Decode steps read the prefix once (cascade attention); the slot cache holds the prompts' own tokens only.
+    assert cascade_steps and max(cascade_steps) <= 8 + 12
+    assert model.config._attn_implementation == "sdpa"  # switched back
+    # Eager attention cannot switch: the prefix is copied into every row instead, with the same result.
+    model.set_attn_implementation("eager")
+    cascade_steps.clear()
+    got = sample(model, prompts, [0, 1, 2, 3], SamplingParams(0.0, 1.0, 12, ()), max_batch_size=3)
+    assert [c.token_ids for c in got] == expected and not cascade_steps
+    model.set_attn_implementation("sdpa")
+    AttentionInterface.register(generation.CASCADE_ATTENTION, cascade)
     # Prefill passes of at most 4 padded tokens: the prompts are staged in several passes, as refills need them.
     monkeypatch.setattr(generation, "PREFILL_TOKENS", 4)
     widths.clear()
@@ -171,6 +190,40 @@ def test_the_shared_prefix_runs_once_and_matches_a_full_recompute(monkeypatch):
             torch.testing.assert_close(a.key_buffer[p, :, columns], b.key_buffer[p, :, columns], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(a.value_buffer[p, :, columns], b.value_buffer[p, :, columns], atol=1e-5,
                                        rtol=1e-4)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_cascade_attention_equals_attention_over_the_prefix_copied_into_every_row(masked):
+    from types import SimpleNamespace
+
+    from builder.generation import SharedPrefix, _decode_prefix, cascade_attention
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, dim, own, length = 5, 8, 2, 16, 9, 6
+    module = SimpleNamespace(layer_idx=1, num_key_value_groups=heads // kv_heads, is_causal=True)
+    query = torch.randn(batch, heads, 1, dim)
+    keys, values = torch.randn(batch, kv_heads, own, dim), torch.randn(batch, kv_heads, own, dim)
+    prefix = SharedPrefix(length, [(None, None), (torch.randn(1, kv_heads, length, dim),
+                                                  torch.randn(1, kv_heads, length, dim))])
+    # Rows see their last 9, 4, 1, 7 and 2 own columns (left padding of a continuous batch).
+    mask = torch.arange(own)[None, :] >= torch.tensor([0, 5, 8, 2, 7])[:, None]
+    mask = mask[:, None, None, :] if masked else None
+    token = _decode_prefix.set(prefix)
+    try:
+        got, _ = cascade_attention(module, query, keys, values, mask, scaling=0.3)
+    finally:
+        _decode_prefix.reset(token)
+    prefix_keys, prefix_values = prefix.layers[1]
+    full_mask = None if mask is None else torch.cat([torch.ones(batch, 1, 1, length, dtype=torch.bool), mask], -1)
+    expected, _ = sdpa_attention_forward(module, query, torch.cat([prefix_keys.expand(batch, -1, -1, -1), keys], 2),
+                                         torch.cat([prefix_values.expand(batch, -1, -1, -1), values], 2), full_mask,
+                                         scaling=0.3)
+    assert got.shape == expected.shape == (batch, 1, heads, dim)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    # Outside a decode step it is plain SDPA.
+    plain, _ = cascade_attention(module, query, keys, values, mask, scaling=0.3)
+    torch.testing.assert_close(plain, sdpa_attention_forward(module, query, keys, values, mask, scaling=0.3)[0])
 
 
 def test_sliding_window_attention_matches_a_full_recompute():
