@@ -16,7 +16,7 @@ overall, and compute utilisation: model FLOPs per generated token x tokens / tim
 throughput measured in the same run (the best of a measurement before and one after the build). With `--procs N`
 the build runs N worker processes of one thread each (`num_proc`), the naive baseline N torch threads, and the
 matmul throughput is measured with N threads (peak RSS is then the parent's only). Scaling runs each K in its own
-process (so peak RSS is that run's own).
+process (so peak RSS is that run's own), and prints its response stage's utilisation too (the steady state at large K).
 """
 
 import argparse
@@ -100,7 +100,7 @@ def config_for(size: str, num_instructions: int, **overrides):
     values = dict(
         generator_model=f"tiny:chat-llama-3.1{suffix}", reward_model=f"tiny:reward{suffix}",
         num_instructions=num_instructions, max_instruction_tokens=64, max_response_tokens=128, num_responses=5,
-        generation_batch_size=128, reward_batch_size=8, test_size=0.1, seed=1, resume=False,
+        generation_batch_size=256, reward_batch_size=8, test_size=0.1, seed=1, resume=False,
     )
     values.update(overrides)
     return BuildConfig(**values)
@@ -265,15 +265,20 @@ def scaling_run(size: str, num_instructions: int) -> dict:
     from builder.models import load_generator
 
     config = config_for(size, num_instructions)
-    load_generator(model_specs(config)[0])
+    model, _ = load_generator(model_specs(config)[0])
+    gflops_before = matmul_gflops()
     start = time.perf_counter()
     result = build(config)
     seconds = time.perf_counter() - start
+    responses = result.ledger.get("responses")
+    utilisation = responses.tokens * flops_per_token(model) / responses.seconds / (
+        max(gflops_before, matmul_gflops()) * 1e9)
     # The stages' own time: the per-build set-up (template derivation, tokenizer loads) is a constant that would
     # make small K look slower per instruction.
     stage_seconds = sum(record.seconds for record in result.ledger.stages)
     return {"size": size, "k": num_instructions, "seconds": seconds, "stage_seconds": stage_seconds,
-            "per_instruction": stage_seconds / num_instructions, "peak_rss_mb": peak_rss_mb()}
+            "per_instruction": stage_seconds / num_instructions, "peak_rss_mb": peak_rss_mb(),
+            "response_utilisation": utilisation}
 
 
 def scaling(size: str, ks: list[int]) -> list[dict]:
@@ -289,10 +294,11 @@ def print_scaling(size: str, runs: list[dict]) -> None:
     base = runs[0]["per_instruction"]
     print(f"\n== scaling, {size} model")
     print(f"{'K':>6}{'wall s':>9}{'stages s':>10}{'s/instruction':>15}{'vs K=' + str(runs[0]['k']):>10}"
-          f"{'peak RSS MB':>13}")
+          f"{'peak RSS MB':>13}{'responses util':>16}")
     for run in runs:
         print(f"{run['k']:>6}{run['seconds']:>9.1f}{run['stage_seconds']:>10.1f}{run['per_instruction']:>15.4f}"
-              f"{run['per_instruction'] / base - 1:>+10.1%}{run['peak_rss_mb']:>13.0f}")
+              f"{run['per_instruction'] / base - 1:>+10.1%}{run['peak_rss_mb']:>13.0f}"
+              f"{run['response_utilisation']:>16.0%}")
 
 
 def main():
