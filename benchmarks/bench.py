@@ -64,33 +64,56 @@ def flops_per_token(model) -> float:
     return 2.0 * params
 
 
-def decode_step_seconds(model, batch: int, context: int, repeats: int = 5) -> float:
-    """Best time of one decode step (forward and sampling) of `batch` rows over `context` cached positions: the
-    response stage's ceiling, every token decoded at full batch with no prefill and no tail."""
+def decode_step_seconds(model, batch: int, context: int, shared: int = 0, repeats: int = 5) -> float:
+    """Best time of one decode step (forward and sampling) of `batch` rows over `context` cached positions, the
+    first `shared` of them a prefix all rows share, read once as in the response stage (cascade attention): the
+    stage's ceiling, every token decoded at full batch with no prefill and no tail."""
     import torch
 
-    from builder.generation import SamplingParams, cache_argument, new_cache, sample_next_tokens
+    from builder.generation import (SamplingParams, SharedPrefix, _decode_prefix, cache_argument, cascade_decoding,
+                                    new_cache, sample_next_tokens)
 
     kv_heads = model.config.num_key_value_heads
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    layers = model.config.num_hidden_layers
+    prefix = SharedPrefix(shared, [(torch.randn(1, kv_heads, shared, head_dim), torch.randn(1, kv_heads, shared, head_dim))
+                                   for _ in range(layers)]) if shared else None
     input_ids = torch.randint(0, model.config.vocab_size, (batch, 1))
-    mask = torch.ones(batch, context + 1, dtype=torch.long)
     positions = torch.full((batch, 1), context)
     seeds = torch.arange(batch)
     params = SamplingParams(0.8, 1.0, 1, ())
     best = float("inf")
-    for _ in range(repeats + 1):
-        cache = new_cache(model, context + 1)
-        for layer in cache.layers:
-            layer.hold(torch.randn(batch, kv_heads, context + 1, head_dim),
-                       torch.randn(batch, kv_heads, context + 1, head_dim), context)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                        **cache_argument(model, cache))
-            sample_next_tokens(out.logits[:, -1], seeds, 0, params)
-        best = min(best, time.perf_counter() - start)
+    with cascade_decoding(model, prefix) as cascade:
+        own = context - shared if cascade else context  # without cascade every row holds the prefix itself
+        mask = torch.ones(batch, own + 1, dtype=torch.long)
+        for _ in range(repeats + 1):
+            cache = new_cache(model, own + 1)
+            for layer in cache.layers:
+                layer.hold(torch.randn(batch, kv_heads, own + 1, head_dim),
+                           torch.randn(batch, kv_heads, own + 1, head_dim), own)
+            start = time.perf_counter()
+            token = _decode_prefix.set(prefix if cascade else None)
+            with torch.inference_mode():
+                out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            **cache_argument(model, cache))
+                sample_next_tokens(out.logits[:, -1], seeds, 0, params)
+            _decode_prefix.reset(token)
+            best = min(best, time.perf_counter() - start)
     return best
+
+
+def shared_prompt_prefix(config, instructions: list[str]) -> int:
+    """The number of tokens the response prompts of `instructions` share (the template's system block and header)."""
+    from builder.build import model_specs
+    from builder.generation import common_prefix_length
+    from builder.models import load_generator
+    from builder.templates import encode_chat_text, render_chat
+
+    _, tokenizer = load_generator(model_specs(config)[0])
+    prompts = [encode_chat_text(tokenizer, render_chat(tokenizer, [{"role": "user", "content": instruction}],
+                                                       add_generation_prompt=True, day=config.chat_template_date))
+               for instruction in instructions]
+    return common_prefix_length(prompts) if len(prompts) > 1 else 0
 
 
 def config_for(size: str, num_instructions: int, **overrides):
@@ -206,7 +229,8 @@ def compare(size: str, num_instructions: int, procs: int = 1) -> dict:
     # The typical cached length of a decode step: a prompt and half a response.
     context = round(sum(prompt_tokens) / max(1, len(prompt_tokens)) + sum(
         t for row in rows for t in row["response_tokens"]) / max(1, 2 * sum(len(row["response_tokens"]) for row in rows)))
-    step = decode_step_seconds(model, config.generation_batch_size, context)
+    shared = shared_prompt_prefix(config, kept)
+    step = decode_step_seconds(model, config.generation_batch_size, context, shared)
     one_thread = gflops if procs == 1 else max(matmul_gflops(), matmul_gflops())  # a step runs on one thread
     return {
         "size": size, "instructions": num_instructions, "procs": procs,
@@ -216,7 +240,7 @@ def compare(size: str, num_instructions: int, procs: int = 1) -> dict:
         "naive_tokens": naive["tokens"],
         "matmul_gflops": gflops, "flops_per_token": per_token, "response_utilisation": utilisation,
         "response_utilisation_with_prompts": utilisation_all,
-        "decode_step": {"batch": config.generation_batch_size, "context": context, "seconds": step,
+        "decode_step": {"batch": config.generation_batch_size, "context": context, "shared": shared, "seconds": step,
                         "utilisation": config.generation_batch_size * per_token / step / (one_thread * 1e9)},
         "instruction_lengths": percentiles([row["instruction_tokens"] for row in rows]),
         "response_lengths": percentiles([t for row in rows for t in row["response_tokens"]]),
@@ -250,7 +274,8 @@ def print_comparison(c: dict) -> None:
           f"{c['response_utilisation']:.0%} of it ({c['flops_per_token'] / 1e6:.1f} MFLOP per generated token); "
           f"{c['response_utilisation_with_prompts']:.0%} counting the prompt tokens it prefills too")
     d = c["decode_step"]
-    print(f"ceiling: one decode step alone (batch {d['batch']}, {d['context']} cached tokens, sampling included) takes "
+    print(f"ceiling: one decode step alone (batch {d['batch']}, {d['context']} cached tokens of which {d['shared']} "
+          f"shared, sampling included) takes "
           f"{d['seconds'] * 1e3:.0f} ms, {d['utilisation']:.0%} of one thread's matmul throughput")
     print(f"lengths (min / p10 / median / p90 / max): instructions {c['instruction_lengths']}, responses "
           f"{c['response_lengths']}; responses at the cap {c['responses_at_cap']:.1%}")
