@@ -6,17 +6,18 @@
     python benchmarks/bench.py --sizes small --instructions 64 256 --procs 2 --scaling   # the whole 2-core machine
 
 For each model size (tiny, and small: hidden 512, 8 layers, 8/2 query/key-value heads, vocab 8k, 30.5M
-parameters), in one process and on
-identical work (the same instructions, N responses each, the same token caps):
+parameters), in one process and on identical work (the same instructions, N responses each, the same token caps):
 - ours: `build(config)`, timed per stage by its own ledger;
-- naive: the way the public research scripts do it, one `generate` per instruction, one per response, one reward
-  call per response.
+- naive: the way the public research scripts do it, stock transformers models (torch's default kernels), one
+  `generate` per instruction, one per response, one reward call per response.
 It prints tokens/s, seconds per instruction, peak RSS, the length distributions, the our/naive ratio per stage and
 overall, and compute utilisation: model FLOPs per generated token x tokens / time, divided by the fp32 matmul
-throughput measured in the same run (the best of a measurement before and one after the build). With `--procs N`
-the build runs N worker processes of one thread each (`num_proc`), the naive baseline N torch threads, and the
-matmul throughput is measured with N threads (peak RSS is then the parent's only). Scaling runs each K in its own
-process (so peak RSS is that run's own), and prints its response stage's utilisation too (the steady state at large K).
+throughput measured in the same run: the best of torch.mm (MKL) and oneDNN, each the best of a measurement before
+and one after the build. `MAGPIE_CPU_GEMM=torch` runs ours on torch's default kernels too, which shows what the
+kernel choice is worth. With `--procs N` the build runs N worker processes of one thread each (`num_proc`), the
+naive baseline N torch threads, and the matmul throughput is measured with N threads (peak RSS is then the
+parent's only). Scaling runs each K in its own process (so peak RSS is that run's own), and prints its response
+stage's utilisation too (the steady state at large K).
 """
 
 import argparse
@@ -41,21 +42,37 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_gflops(size: int = 1024, repeats: int = 10, threads: int = 1) -> float:
-    """Best fp32 matmul throughput with `threads` threads (the build's processes x their one thread each)."""
+def matmul_gflops(size: int = 1024, repeats: int = 10, threads: int = 1) -> dict[str, float]:
+    """Best fp32 matmul throughput with `threads` threads (the build's processes x their one thread each), per
+    kernel: torch's default (`torch.mm`, MKL in the x86 wheels) and oneDNN's, which the build's CPU linears run on
+    (`builder/cpu_gemm.py`). Utilisation is measured against the better of the two, what this machine's fp32
+    matmuls reach from torch: against MKL's alone (half of oneDNN's on AMD processors) it would flatter."""
     import torch
+
+    from builder.cpu_gemm import _linear, onednn_available
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    kernels = {"torch.mm": lambda: torch.mm(a, b)}
+    if onednn_available():
+        kernels["oneDNN"] = lambda: _linear(a, b, None)  # a @ b.T: the same FLOPs
+    best = {}
+    for name, kernel in kernels.items():
+        kernel()
+        best[name] = 0.0
+        for _ in range(repeats):
+            start = time.perf_counter()
+            kernel()
+            best[name] = max(best[name], 2 * size**3 / (time.perf_counter() - start) / 1e9)
     torch.set_num_threads(previous)
     return best
+
+
+def best_of(*measurements: dict[str, float]) -> dict[str, float]:
+    """Per kernel, the best of several measurements (this VM's speed drifts by up to a third within minutes, and a
+    slow reading would flatter the utilisation)."""
+    return {name: max(m[name] for m in measurements) for name in measurements[0]}
 
 
 def flops_per_token(model) -> float:
@@ -144,13 +161,20 @@ def naive_baseline(config, instructions_kept: list[str], threads: int = 1) -> di
     import torch
     from transformers import GenerationConfig
 
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
     from builder.build import model_specs, pre_query_of
-    from builder.models import load_generator, load_reward_model
+    from builder.models import load_tokenizer
     from builder.templates import encode_chat_text, render_chat
+    from builder.tiny import resolve_model_path
 
     generator, reward = model_specs(config)
-    model, tokenizer = load_generator(generator)
-    reward_model, reward_tokenizer = load_reward_model(reward)
+    # Stock transformers models, loaded the way a research script does: torch's default kernels (MKL), not the
+    # oneDNN linears the builder's loader switches to on CPU.
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(generator.name_or_path), dtype=torch.float32).eval()
+    reward_model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(reward.name_or_path),
+                                                                      dtype=torch.float32).eval()
+    tokenizer, reward_tokenizer = load_tokenizer(generator), load_tokenizer(reward)
     # A research script takes torch's default: every core of the machine as threads.
     torch.set_num_threads(threads)
     pre_query = pre_query_of(config, generator)
@@ -203,8 +227,7 @@ def compare(size: str, num_instructions: int, procs: int = 1) -> dict:
 
     config = config_for(size, num_instructions, num_proc=procs)
     load_generator(model_specs(config)[0])  # load (and build) the models before any timing
-    # The machine's matmul throughput, before and after the build: this VM's speed drifts by up to a third within
-    # minutes, and a slow reading would flatter the utilisation, so the best of the two is the denominator.
+    # The machine's matmul throughput, before and after the build; the best of the two is the denominator.
     gflops_before = matmul_gflops(threads=procs)
     peak_before = peak_rss_mb()
     start = time.perf_counter()
@@ -218,7 +241,8 @@ def compare(size: str, num_instructions: int, procs: int = 1) -> dict:
     naive = naive_baseline(config, _instructions_after_filter(result, kept), threads=procs)
     naive_total = sum(naive["seconds"].values())
     model, _ = load_generator(model_specs(config)[0])
-    gflops = max(gflops_before, matmul_gflops(threads=procs))
+    kernels = best_of(gflops_before, matmul_gflops(threads=procs))
+    gflops = max(kernels.values())
     per_token = flops_per_token(model)
     response_record = ledger.get("responses")
     utilisation = response_record.tokens * per_token / response_record.seconds / (gflops * 1e9)
@@ -231,14 +255,15 @@ def compare(size: str, num_instructions: int, procs: int = 1) -> dict:
         t for row in rows for t in row["response_tokens"]) / max(1, 2 * sum(len(row["response_tokens"]) for row in rows)))
     shared = shared_prompt_prefix(config, kept)
     step = decode_step_seconds(model, config.generation_batch_size, context, shared)
-    one_thread = gflops if procs == 1 else max(matmul_gflops(), matmul_gflops())  # a step runs on one thread
+    # A step runs on one thread.
+    one_thread = gflops if procs == 1 else max(best_of(matmul_gflops(), matmul_gflops()).values())
     return {
         "size": size, "instructions": num_instructions, "procs": procs,
         "params_millions": sum(p.numel() for p in model.parameters()) / 1e6,
         "ours_seconds": ours, "ours_total": ours_total, "naive_seconds": naive["seconds"], "naive_total": naive_total,
         "ours_tokens": {r.name: r.tokens for r in ledger.stages if r.tokens},
         "naive_tokens": naive["tokens"],
-        "matmul_gflops": gflops, "flops_per_token": per_token, "response_utilisation": utilisation,
+        "matmul_gflops": gflops, "matmul_kernels": kernels, "flops_per_token": per_token, "response_utilisation": utilisation,
         "response_utilisation_with_prompts": utilisation_all,
         "decode_step": {"batch": config.generation_batch_size, "context": context, "shared": shared, "seconds": step,
                         "utilisation": config.generation_batch_size * per_token / step / (one_thread * 1e9)},
@@ -270,7 +295,8 @@ def print_comparison(c: dict) -> None:
     print(f"{'end to end':<14}{c['ours_total']:>9.2f}{c['naive_total']:>9.2f}{c['naive_total'] / c['ours_total']:>7.1f}x")
     print(f"seconds per instruction: ours {c['ours_total'] / c['instructions']:.3f}, naive "
           f"{c['naive_total'] / c['instructions']:.3f}")
-    print(f"fp32 matmul throughput measured: {c['matmul_gflops']:.1f} GFLOP/s; response stage "
+    kernels = ", ".join(f"{name} {value:.1f}" for name, value in c["matmul_kernels"].items())
+    print(f"fp32 matmul throughput measured: {c['matmul_gflops']:.1f} GFLOP/s ({kernels}); response stage "
           f"{c['response_utilisation']:.0%} of it ({c['flops_per_token'] / 1e6:.1f} MFLOP per generated token); "
           f"{c['response_utilisation_with_prompts']:.0%} counting the prompt tokens it prefills too")
     d = c["decode_step"]
@@ -297,7 +323,7 @@ def scaling_run(size: str, num_instructions: int) -> dict:
     seconds = time.perf_counter() - start
     responses = result.ledger.get("responses")
     utilisation = responses.tokens * flops_per_token(model) / responses.seconds / (
-        max(gflops_before, matmul_gflops()) * 1e9)
+        max(best_of(gflops_before, matmul_gflops()).values()) * 1e9)
     # The stages' own time: the per-build set-up (template derivation, tokenizer loads) is a constant that would
     # make small K look slower per instruction.
     stage_seconds = sum(record.seconds for record in result.ledger.stages)

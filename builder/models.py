@@ -167,6 +167,10 @@ def _load(spec: ModelSpec, rank: int | None, auto_class, role: str):
     if device is not None:
         model = model.to(device)
     model.eval()
+    if device is not None and device.type == "cpu":
+        from .cpu_gemm import route_linears
+
+        route_linears(model)  # MKL's fp32 GEMM runs at half speed on AMD processors; see cpu_gemm.py
     return model, tokenizer
 
 

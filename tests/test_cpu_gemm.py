@@ -1,0 +1,61 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from builder import cpu_gemm
+from builder.models import ModelSpec, load_generator
+from builder.tiny import resolve_model_path
+
+needs_onednn = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="this torch build has no oneDNN linear")
+
+
+def fresh_model():
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny:chat-llama-3")).eval()
+
+
+@needs_onednn
+def test_routed_linears_give_the_same_logits_and_keep_autograd(monkeypatch):
+    monkeypatch.delenv("MAGPIE_CPU_GEMM", raising=False)
+    model = fresh_model()
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    ids = torch.tensor([[1, 5, 9, 3, 4, 4, 8, 2]])
+    with torch.inference_mode():
+        expected = model(input_ids=ids).logits
+    assert cpu_gemm.route_linears(model) == linears > 0
+    assert all(type(m) is not torch.nn.Linear for m in model.modules())
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # With autograd recording the layers run F.linear, so gradients still flow (and match).
+    reference = fresh_model()
+    model(input_ids=ids).logits.square().mean().backward()
+    reference(input_ids=ids).logits.square().mean().backward()
+    torch.testing.assert_close(model.lm_head.weight.grad, reference.lm_head.weight.grad)
+    # The same parameters and state dict: the model saves and loads as a stock one.
+    assert model.state_dict().keys() == reference.state_dict().keys()
+
+
+def test_torch_gemm_on_request_and_a_bad_value_names_the_fix(monkeypatch):
+    monkeypatch.setenv("MAGPIE_CPU_GEMM", "torch")
+    model = fresh_model()
+    assert cpu_gemm.route_linears(model) == 0
+    assert any(type(m) is torch.nn.Linear for m in model.modules())
+    monkeypatch.setenv("MAGPIE_CPU_GEMM", "mkl")
+    with pytest.raises(ValueError, match="MAGPIE_CPU_GEMM='mkl'.*MAGPIE_CPU_GEMM=torch"):
+        cpu_gemm.route_linears(model)
+
+
+def test_without_onednn_nothing_changes(monkeypatch):
+    monkeypatch.delenv("MAGPIE_CPU_GEMM", raising=False)
+    monkeypatch.setattr(cpu_gemm, "onednn_available", lambda: False)
+    model = fresh_model()
+    assert cpu_gemm.route_linears(model) == 0
+    assert any(type(m) is torch.nn.Linear for m in model.modules())
+
+
+@needs_onednn
+def test_the_cpu_loader_routes_the_generator(monkeypatch):
+    monkeypatch.delenv("MAGPIE_CPU_GEMM", raising=False)
+    model, _ = load_generator(ModelSpec("tiny:chat-qwen2.5", device="cpu"))
+    assert any(isinstance(m, cpu_gemm.OneDNNLinear) for m in model.modules())
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
