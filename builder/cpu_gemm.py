@@ -1,13 +1,15 @@
 """fp32 matrix products on CPU through oneDNN rather than torch's default BLAS.
 
-Why: torch's x86 wheels run fp32 `F.linear` on MKL, which chooses its kernels by CPU vendor. On AMD processors it
-takes its AVX2 code even where AVX-512 is there. oneDNN, which torch bundles, chooses by instruction set. On the
-2-core AMD EPYC (Zen 5) machine this project runs CI on, one thread, the benchmark model's shapes ran at about
-120 GFLOP/s on MKL and 260-270 on oneDNN, and a reward-model forward 1.9x faster. Both are fp32 with fp32
-accumulation: results differ in the last bits, as they do between batch shapes.
+Why: torch's x86 wheels run fp32 `F.linear` on MKL, and MKL took no AVX-512 code on the AMD processor this
+project runs CI on (a 2-core AMD EPYC, Zen 5). There, on one thread, `torch.mm` of 1024^3 reaches 121 GFLOP/s,
+which is what AVX2 gives (32 FLOP per cycle), with `MKL_ENABLE_INSTRUCTIONS=AVX512` as without. oneDNN, which
+torch bundles and which chooses by instruction set, reaches 271 with AVX-512, and a reward-model forward of the
+benchmark's small model ran 1.9x faster. Both are fp32 with fp32 accumulation: results differ in the last bits,
+as they do between batch shapes.
 
 Only inference goes this way: with autograd recording, on another dtype or device, `F.linear` runs as before.
-`MAGPIE_CPU_GEMM=torch` keeps torch's own for a whole process.
+`MAGPIE_CPU_GEMM=torch` keeps torch's own for a whole process (for a CPU where it is faster: the benchmark prints
+both kernels' throughput).
 """
 
 import functools
