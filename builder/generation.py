@@ -424,16 +424,18 @@ class SlotCache(DynamicCache):
         for layer in self.layers:
             layer.first = first
 
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Moves `rows` to the front (retiring the others) and sets the batch to them."""
-        first, length = min(self.starts[r] for r in rows.tolist()), self.length
+    def move_rows(self, sources: torch.Tensor, targets: torch.Tensor) -> None:
+        """Copies the sequences of rows `sources` into the free rows `targets`: every column a forward reads, their
+        masks and starts. Retiring finished rows this way moves only the live rows past the new batch's end into
+        the free rows inside it, not the whole batch."""
+        first, length = min(self.starts[r] for r in sources.tolist()), self.length
         for layer in self.layers:
-            here = rows.to(layer.device)
-            layer.key_buffer[: len(rows), :, first:length] = layer.key_buffer[here, :, first:length]
-            layer.value_buffer[: len(rows), :, first:length] = layer.value_buffer[here, :, first:length]
-        self.mask[: len(rows)] = self.mask[rows]
-        self.starts[: len(rows)] = [self.starts[r] for r in rows.tolist()]
-        self.set_batch(len(rows))
+            here, there = targets.to(layer.device), sources.to(layer.device)
+            layer.key_buffer[here, :, first:length] = layer.key_buffer[there, :, first:length]
+            layer.value_buffer[here, :, first:length] = layer.value_buffer[there, :, first:length]
+        self.mask[targets] = self.mask[sources]
+        for target, source in zip(targets.tolist(), sources.tolist()):
+            self.starts[target] = self.starts[source]
 
     def set_batch(self, batch: int) -> None:
         for layer in self.layers:
@@ -578,12 +580,18 @@ def sample(
             if not live:
                 break
             if not waiting and batch - len(live) >= max(1, batch // 8):
-                keep = torch.tensor(live, device=device)
-                cache.keep_rows(keep)
-                next_tokens[: len(live)], positions[: len(live)] = next_tokens[keep].clone(), positions[keep].clone()
-                holder[: len(live)] = [holder[r] for r in live]
-                holder[len(live) :] = [None] * (rows - len(live))
+                # Retire: the live rows past the new end take the free rows below it (row order does not matter).
                 batch = len(live)
+                holes = [r for r in range(batch) if holder[r] is None]
+                movers = [r for r in live if r >= batch]
+                if movers:
+                    sources, targets = torch.tensor(movers, device=device), torch.tensor(holes, device=device)
+                    cache.move_rows(sources, targets)
+                    next_tokens[targets], positions[targets] = next_tokens[sources], positions[sources]
+                    for hole, mover in zip(holes, movers):
+                        holder[hole] = holder[mover]
+                holder[batch:] = [None] * (rows - batch)
+                cache.set_batch(batch)
                 live = list(range(batch))
             cache.reserve_column(live)
             prefix_token = _decode_prefix.set(shared if cascade else None)
@@ -593,5 +601,6 @@ def sample(
             finally:
                 _decode_prefix.reset(prefix_token)
             positions[:batch] += 1
-            take_tokens(live, out.logits[live, -1, :])
+            # All rows live (the steady state): a view, not a copy of the batch's logits.
+            take_tokens(live, out.logits[:, -1] if len(live) == batch else out.logits[live, -1, :])
         return [Completion(ids, reason) for ids, reason in zip(generated, finish)]

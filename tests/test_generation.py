@@ -103,6 +103,15 @@ def test_continuous_batching_gives_the_same_samples_at_every_batch_size(tiny_mod
         reserve(cache, live_rows)
 
     monkeypatch.setattr(generation.SlotCache, "reserve_column", counting_reserve)
+    moved = []
+    move = generation.SlotCache.move_rows
+
+    def counting_move(cache, sources, targets):
+        assert all(t < s for s, t in zip(sources.tolist(), targets.tolist()))  # live rows move into free rows below
+        moved.append(len(sources))
+        move(cache, sources, targets)
+
+    monkeypatch.setattr(generation.SlotCache, "move_rows", counting_move)
     model, tokenizer = load(tiny_model)
     params = SamplingParams(1.0, 1.0, 40, (tokenizer.convert_tokens_to_ids("<|eot_id|>"),))
     prompts = [tokenizer(text).input_ids for text in ("Hi", "Write a poem about the ocean and the sky, please",
@@ -115,6 +124,7 @@ def test_continuous_batching_gives_the_same_samples_at_every_batch_size(tiny_mod
     lengths = {len(c.token_ids) for c in runs[0]}
     assert min(lengths) < 20 and max(lengths) == 40  # ragged: rows finish at different steps
     assert any(compactions), "the column compaction ran and changed nothing"
+    assert moved, "retiring finished rows moved live rows into their place and changed nothing"
 
 
 def greedy_without_cache(model, prompt, steps):
