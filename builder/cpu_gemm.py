@@ -7,9 +7,14 @@ torch bundles and which chooses by instruction set, reaches 271 with AVX-512, an
 benchmark's small model ran 1.9x faster. Both are fp32 with fp32 accumulation: results differ in the last bits,
 as they do between batch shapes.
 
-Only inference goes this way: with autograd recording, on another dtype or device, `F.linear` runs as before.
-`MAGPIE_CPU_GEMM=torch` keeps torch's own for a whole process (for a CPU where it is faster: the benchmark prints
-both kernels' throughput).
+Only inference goes this way, and only products of at least `ONEDNN_MIN_MACS` multiply-adds: oneDNN spends about
+10 us per call setting up, so below that torch's own is faster (measured: 0.2-0.8x at 8 rows x 64-512 features,
+1.2x at 8 x 512 x 512, 2.1x at 256 rows). With autograd recording, on another dtype or device, `F.linear` runs as
+before. oneDNN keeps a compiled kernel and its buffers (about 2 MB) per input shape; a build meets hundreds of
+shapes (every batch and prompt width), and the default cache of 1024 of them grew peak RSS with K, so this module
+caps it at 64 (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`, read when oneDNN first runs; 64 was also the fastest of 0 / 64 /
+256 / 1024 on a K=256 build). `MAGPIE_CPU_GEMM=torch` keeps torch's own for a whole process (for a CPU where it is
+faster: the benchmark prints both kernels' throughput).
 """
 
 import functools
@@ -22,6 +27,8 @@ import torch.nn.functional as F
 logger = logging.getLogger("magpie_builder")
 
 GEMMS = ("onednn", "torch")
+ONEDNN_MIN_MACS = 1 << 21  # rows x in_features x out_features below which F.linear runs
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")  # before oneDNN's first call in this process
 
 
 def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -44,7 +51,8 @@ class OneDNNLinear(torch.nn.Linear):
     """An `nn.Linear` whose inference forward is oneDNN's fp32 GEMM; the same parameters and state dict."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if (input.dtype != torch.float32 or input.device.type != "cpu" or self.weight.dtype != torch.float32
+        if (input.numel() * self.out_features < ONEDNN_MIN_MACS or input.dtype != torch.float32
+                or input.device.type != "cpu" or self.weight.dtype != torch.float32
                 or torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad)):
             return F.linear(input, self.weight, self.bias)
         return _linear(input, self.weight, self.bias)

@@ -13,9 +13,23 @@ def fresh_model():
     return AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny:chat-llama-3")).eval()
 
 
+def spy_on_onednn(monkeypatch) -> list:
+    calls = []
+    linear = cpu_gemm._linear
+
+    def spy(input, weight, bias):
+        calls.append(input.numel() * weight.shape[0])
+        return linear(input, weight, bias)
+
+    monkeypatch.setattr(cpu_gemm, "_linear", spy)
+    return calls
+
+
 @needs_onednn
 def test_routed_linears_give_the_same_logits_and_keep_autograd(monkeypatch):
     monkeypatch.delenv("MAGPIE_CPU_GEMM", raising=False)
+    monkeypatch.setattr(cpu_gemm, "ONEDNN_MIN_MACS", 0)  # every product through oneDNN, however small
+    calls = spy_on_onednn(monkeypatch)
     model = fresh_model()
     linears = sum(type(m) is torch.nn.Linear for m in model.modules())
     ids = torch.tensor([[1, 5, 9, 3, 4, 4, 8, 2]])
@@ -25,14 +39,32 @@ def test_routed_linears_give_the_same_logits_and_keep_autograd(monkeypatch):
     assert all(type(m) is not torch.nn.Linear for m in model.modules())
     with torch.inference_mode():
         got = model(input_ids=ids).logits
+    assert len(calls) == linears  # one oneDNN product per layer
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # With autograd recording the layers run F.linear, so gradients still flow (and match).
+    calls.clear()
     reference = fresh_model()
     model(input_ids=ids).logits.square().mean().backward()
     reference(input_ids=ids).logits.square().mean().backward()
+    assert not calls
     torch.testing.assert_close(model.lm_head.weight.grad, reference.lm_head.weight.grad)
     # The same parameters and state dict: the model saves and loads as a stock one.
     assert model.state_dict().keys() == reference.state_dict().keys()
+
+
+@needs_onednn
+def test_small_products_stay_on_torch(monkeypatch):
+    monkeypatch.delenv("MAGPIE_CPU_GEMM", raising=False)
+    calls = spy_on_onednn(monkeypatch)
+    layer = torch.nn.Linear(512, 512)
+    cpu_gemm.route_linears(layer)
+    with torch.inference_mode():
+        small, large = torch.randn(4, 512), torch.randn(2, 16, 512)  # 4 x 512 x 512 MACs; 32 x 512 x 512
+        torch.testing.assert_close(layer(small), torch.nn.functional.linear(small, layer.weight, layer.bias))
+        assert not calls
+        torch.testing.assert_close(layer(large), torch.nn.functional.linear(large, layer.weight, layer.bias),
+                                   atol=1e-5, rtol=1e-5)
+        assert calls == [32 * 512 * 512] and calls[0] >= cpu_gemm.ONEDNN_MIN_MACS > 4 * 512 * 512
 
 
 def test_torch_gemm_on_request_and_a_bad_value_names_the_fix(monkeypatch):
