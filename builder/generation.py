@@ -84,25 +84,51 @@ def counter_uniform(seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tens
     return (mantissa.to(torch.float64) + 0.5) * (2.0**-53)
 
 
+SAMPLING_BLOCK = 128  # tokens per block of the two-level CDF search
+
+
 def sample_next_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: int | torch.Tensor,
-                       params: SamplingParams) -> torch.Tensor:
+                       params: SamplingParams, *, overwrite: bool = False) -> torch.Tensor:
     """One token per row by inverse-CDF sampling of the temperature-scaled, top-p-filtered distribution.
 
-    One random number per row (not one per vocabulary entry) keeps the cost of sampling far below the model's.
+    One random number per row (not one per vocabulary entry) keeps the cost of sampling far below the model's. The
+    CDF is searched in two levels, block sums first, then the cumulative sum of the one block the number falls in:
+    a cumulative sum over the whole vocabulary runs sequentially on CPU, and with the softmax's normalisation and
+    the copies it was a tenth of a 256-row decode step of the small benchmark model (8 of 87 ms, measured; 4 now).
+    The weights are the unnormalised `exp(logits / T - max)`: the target is scaled by their total instead.
+    `overwrite=True` lets float32 `logits` be used as the work buffer (the decode loop's own, not needed after).
     """
-    logits = logits.float()
     if params.temperature == 0:
         return logits.argmax(-1)
-    probs = (logits / params.temperature).softmax(-1)
+    weights = logits.float()
+    weights = weights.div_(params.temperature) if overwrite or weights is not logits else weights / params.temperature
+    weights = weights.sub_(weights.amax(-1, keepdim=True)).exp_()
     order = None
     if params.top_p < 1.0:
-        probs, order = probs.sort(-1, descending=True)
+        weights, order = weights.sort(-1, descending=True)
         # Keep the smallest set whose mass reaches top_p: drop a token once the mass before it already does.
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= params.top_p, 0.0)
-    cdf = probs.cumsum(-1)
-    target = counter_uniform(seeds, step).to(cdf.dtype) * cdf[:, -1]
-    index = torch.searchsorted(cdf, target[:, None]).clamp(max=probs.shape[-1] - 1)
-    return (index if order is None else order.gather(-1, index)).squeeze(-1)
+        mass = weights.cumsum(-1)
+        weights = weights.masked_fill(mass - weights >= params.top_p * mass[:, -1:], 0.0)
+    index = inverse_cdf(weights, counter_uniform(seeds, step))
+    return index if order is None else order.gather(-1, index[:, None]).squeeze(-1)
+
+
+def inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor, block: int = SAMPLING_BLOCK) -> torch.Tensor:
+    """Per row of non-negative `weights` `[rows, vocab]`, the first index whose cumulative weight reaches
+    `uniform` (in (0, 1)) times the row's total: a draw from the weights. A token of weight 0 is never drawn."""
+    rows, vocab = weights.shape
+    if vocab % block:
+        weights = torch.nn.functional.pad(weights, (0, block - vocab % block))  # weight 0: never drawn
+    blocks = weights.view(rows, -1, block)
+    mass = blocks.sum(-1).cumsum(-1)  # [rows, blocks]: the CDF at each block's end
+    target = (uniform.to(mass.dtype) * mass[:, -1])[:, None]
+    chosen = torch.searchsorted(mass, target).clamp(max=mass.shape[-1] - 1)  # the block the target falls in
+    before = torch.where(chosen > 0, mass.gather(-1, (chosen - 1).clamp(min=0)), torch.zeros_like(target))
+    cdf = blocks.gather(1, chosen[:, :, None].expand(-1, 1, block)).squeeze(1).cumsum(-1) + before
+    # The block's own sum, added up in another order, may fall a rounding error short of the target: then its last
+    # token of positive weight is the one (the first index where the CDF reaches its end).
+    index = torch.searchsorted(cdf, torch.minimum(target, cdf[:, -1:]))
+    return (chosen * block + index).squeeze(-1)
 
 
 class PrefillLayer(DynamicLayer):
@@ -513,7 +539,7 @@ def sample(
             """Samples the next token of each of `batch_rows` and files it; finished rows are freed."""
             held = [holder[r] for r in batch_rows]
             steps = torch.tensor([len(generated[c]) for c in held], device=device)
-            tokens = sample_next_tokens(logits, seed_tensor[held], steps, params)
+            tokens = sample_next_tokens(logits, seed_tensor[held], steps, params, overwrite=True)
             next_tokens[batch_rows] = tokens
             for row, completion, token, stopped in zip(batch_rows, held, tokens.tolist(),
                                                        torch.isin(tokens, stop_ids).tolist()):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from builder.generation import (SamplingParams, counter_uniform, prefill, sample, sample_next_tokens, shared_prefix,
+from builder.generation import (SamplingParams, counter_uniform, inverse_cdf, prefill, sample, sample_next_tokens, shared_prefix,
                                 splitmix64)
 
 MASK = (1 << 64) - 1
@@ -50,6 +50,35 @@ def test_top_p_and_greedy():
     assert picked == {0, 1}  # 0.5 + 0.3 reaches 0.7; 0.2 is cut
     greedy = SamplingParams(0.0, 1.0, 1, ())
     assert sample_next_tokens(logits, torch.tensor([9]), 0, greedy).item() == 0
+
+
+def test_two_level_inverse_cdf_draws_what_one_cumulative_sum_draws():
+    torch.manual_seed(0)
+    for vocab in (3, 128, 1000, 8192):  # below, at and off a multiple of the block
+        weights = torch.rand(64, vocab) ** 4
+        weights[:, ::5] = 0.0  # tokens of weight 0 (filtered, or -inf logits) are never drawn
+        for step in range(20):
+            u = counter_uniform(torch.arange(64) * 7919, step)
+            cdf = weights.double().cumsum(-1)
+            reference = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1)
+            drawn = inverse_cdf(weights, u)
+            assert bool((drawn % 5 != 0).all()) and bool((drawn < vocab).all())
+            # Float32 block sums against a float64 running sum: a draw may differ only at a rounding boundary.
+            assert (drawn != reference).sum().item() <= 1, (vocab, step)
+        # At the top of the range the target is the total itself, which the last block's running sum may miss by a
+        # rounding error: the draw is still a token of positive weight, inside the vocabulary.
+        top = inverse_cdf(weights, torch.full((64,), 1 - 2.0**-53, dtype=torch.float64))
+        assert bool((top % 5 != 0).all()) and bool((top < vocab).all())
+
+
+def test_sampling_leaves_the_callers_logits_unless_told():
+    logits = torch.randn(4, 300)
+    kept = logits.clone()
+    params = SamplingParams(0.7, 1.0, 1, ())
+    first = sample_next_tokens(logits, torch.arange(4), 3, params)
+    assert torch.equal(logits, kept)
+    assert torch.equal(sample_next_tokens(logits, torch.arange(4), 3, params, overwrite=True), first)
+    assert not torch.equal(logits, kept)  # used as the work buffer
 
 
 def load(tiny_model):
