@@ -10,11 +10,17 @@ as they do between batch shapes.
 Only inference goes this way, and only products of at least `ONEDNN_MIN_MACS` multiply-adds: oneDNN spends about
 10 us per call setting up, so below that torch's own is faster (measured: 0.2-0.8x at 8 rows x 64-512 features,
 1.2x at 8 x 512 x 512, 2.1x at 256 rows). With autograd recording, on another dtype or device, `F.linear` runs as
-before. oneDNN keeps a compiled kernel and its buffers (about 2 MB) per input shape; a build meets hundreds of
-shapes (every batch and prompt width), and the default cache of 1024 of them grew peak RSS with K, so this module
-caps it at 64 (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`, read when oneDNN first runs; 64 was also the fastest of 0 / 64 /
-256 / 1024 on a K=256 build). `MAGPIE_CPU_GEMM=torch` keeps torch's own for a whole process (for a CPU where it is
-faster: the benchmark prints both kernels' throughput).
+before.
+
+Memory: oneDNN compiles kernels for each row count it meets, and a build meets every one from 1 to a few hundred
+(decode batches shrinking in the tail, prefill and reward widths). Kept, they grew the process without bound in
+practice: 12000 products of the small model's shapes at random row counts from 1 to 300 took anonymous memory to
+1017 MB and still climbing. Rounded up to a multiple of `ONEDNN_ROW_MULTIPLE` (16, zero rows added and their
+outputs dropped) it stayed at 251 MB from the first 2000 on. At 256 decode rows nothing is added; in the tail and
+in prefills at most 15 rows are. The primitive cache is capped at 64 too (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`, read
+when oneDNN first runs; the default 1024 kept more, and 64 was the fastest of 0 / 64 / 256 / 1024 on a K=256
+build). `MAGPIE_CPU_GEMM=torch` keeps torch's own for a whole process (for a CPU where it is faster: the
+benchmark prints both kernels' throughput).
 """
 
 import functools
@@ -28,6 +34,7 @@ logger = logging.getLogger("magpie_builder")
 
 GEMMS = ("onednn", "torch")
 ONEDNN_MIN_MACS = 1 << 21  # rows x in_features x out_features below which F.linear runs
+ONEDNN_ROW_MULTIPLE = 16  # oneDNN sees row counts rounded up to this (see the module's docstring: memory)
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")  # before oneDNN's first call in this process
 
 
@@ -55,7 +62,20 @@ class OneDNNLinear(torch.nn.Linear):
                 or input.device.type != "cpu" or self.weight.dtype != torch.float32
                 or torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad)):
             return F.linear(input, self.weight, self.bias)
-        return _linear(input, self.weight, self.bias)
+        return linear_padded_rows(input, self.weight, self.bias)
+
+
+def linear_padded_rows(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's `input @ weight.T + bias` with the rows padded with zeros to a multiple of `ONEDNN_ROW_MULTIPLE`
+    (the padded rows' outputs are dropped): oneDNN then compiles kernels for a few row counts, not hundreds."""
+    features = input.shape[-1]
+    rows = input.numel() // features
+    missing = -rows % ONEDNN_ROW_MULTIPLE
+    if not missing:
+        return _linear(input, weight, bias)
+    flat = input.reshape(rows, features)
+    padded = torch.cat([flat, flat.new_zeros(missing, features)])
+    return _linear(padded, weight, bias)[:rows].view(*input.shape[:-1], weight.shape[0])
 
 
 def requested_gemm() -> str:

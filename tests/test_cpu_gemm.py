@@ -67,6 +67,26 @@ def test_small_products_stay_on_torch(monkeypatch):
         assert calls == [32 * 512 * 512] and calls[0] >= cpu_gemm.ONEDNN_MIN_MACS > 4 * 512 * 512
 
 
+@needs_onednn
+def test_onednn_sees_row_counts_in_steps_of_sixteen(monkeypatch):
+    # oneDNN compiles kernels per row count; hundreds of them grew the process (see cpu_gemm's docstring).
+    monkeypatch.delenv("MAGPIE_CPU_GEMM", raising=False)
+    monkeypatch.setattr(cpu_gemm, "ONEDNN_MIN_MACS", 0)
+    rows_seen = []
+    linear = cpu_gemm._linear
+    monkeypatch.setattr(cpu_gemm, "_linear", lambda x, w, b: rows_seen.append(x.shape[0]) or linear(x, w, b))
+    layer = torch.nn.Linear(64, 48)
+    cpu_gemm.route_linears(layer)
+    with torch.inference_mode():
+        for shape in [(1, 64), (15, 64), (16, 64), (17, 64), (3, 7, 64), (2, 1, 64), (256, 1, 64)]:
+            x = torch.randn(shape)
+            got = layer(x)
+            assert got.shape == (*shape[:-1], 48)
+            torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.weight, layer.bias),
+                                       atol=1e-5, rtol=1e-5)
+    assert rows_seen == [16, 16, 16, 32, 32, 16, 256]
+
+
 def test_torch_gemm_on_request_and_a_bad_value_names_the_fix(monkeypatch):
     monkeypatch.setenv("MAGPIE_CPU_GEMM", "torch")
     model = fresh_model()
