@@ -1,7 +1,7 @@
 """Speed of the build against a naive baseline, compute utilisation, and scaling with the number of instructions.
 
-    python benchmarks/bench.py                       # both sizes, K = 16 and 64, scaling table (~20 min)
-    python benchmarks/bench.py --instructions 16 64 256   # adds the steady-state comparison (~35 min)
+    python benchmarks/bench.py                       # both sizes, K = 16 and 64, scaling table (~8 min)
+    python benchmarks/bench.py --instructions 16 64 256   # adds the steady-state comparison (~17 min)
     python benchmarks/bench.py --sizes tiny --scaling 64 256 1024 4096
     python benchmarks/bench.py --sizes small --instructions 64 256 --procs 2 --scaling   # the whole 2-core machine
 
@@ -17,7 +17,8 @@ and one after the build. `MAGPIE_CPU_GEMM=torch` runs ours on torch's default ke
 kernel choice is worth. With `--procs N` the build runs N worker processes of one thread each (`num_proc`), the
 naive baseline N torch threads, and the matmul throughput is measured with N threads (peak RSS is then the
 parent's only). Scaling runs each K in its own process (so peak RSS is that run's own), and prints its response
-stage's utilisation too (the steady state at large K).
+stage's utilisation too (the steady state at large K), and the peak of anonymous memory beside peak RSS (which also
+counts the pages of memory-mapped Arrow files and libraries).
 """
 
 import argparse
@@ -26,6 +27,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +42,31 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class AnonymousPeak:
+    """The peak of this process's anonymous resident memory (RssAnon: tensors, Python objects, what the allocators
+    keep), sampled every 50 ms in a thread. Peak RSS also counts file-backed pages: the memory-mapped Arrow files
+    of the dataset and the shared libraries, which the kernel can drop at will."""
+
+    def __init__(self):
+        self.peak, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self):
+        while not self._stop.is_set():
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    self.peak = max(self.peak, int(line.split()[1]) / 1024)
+            self._stop.wait(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 def matmul_gflops(size: int = 1024, repeats: int = 10, threads: int = 1) -> dict[str, float]:
@@ -319,7 +346,8 @@ def scaling_run(size: str, num_instructions: int) -> dict:
     model, _ = load_generator(model_specs(config)[0])
     gflops_before = matmul_gflops()
     start = time.perf_counter()
-    result = build(config)
+    with AnonymousPeak() as anonymous:
+        result = build(config)
     seconds = time.perf_counter() - start
     responses = result.ledger.get("responses")
     utilisation = responses.tokens * flops_per_token(model) / responses.seconds / (
@@ -329,6 +357,7 @@ def scaling_run(size: str, num_instructions: int) -> dict:
     stage_seconds = sum(record.seconds for record in result.ledger.stages)
     return {"size": size, "k": num_instructions, "seconds": seconds, "stage_seconds": stage_seconds,
             "per_instruction": stage_seconds / num_instructions, "peak_rss_mb": peak_rss_mb(),
+            "peak_anonymous_mb": anonymous.peak,
             "response_utilisation": utilisation}
 
 
@@ -345,10 +374,10 @@ def print_scaling(size: str, runs: list[dict]) -> None:
     base = runs[0]["per_instruction"]
     print(f"\n== scaling, {size} model")
     print(f"{'K':>6}{'wall s':>9}{'stages s':>10}{'s/instruction':>15}{'vs K=' + str(runs[0]['k']):>10}"
-          f"{'peak RSS MB':>13}{'responses util':>16}")
+          f"{'peak RSS MB':>13}{'anonymous MB':>14}{'responses util':>16}")
     for run in runs:
         print(f"{run['k']:>6}{run['seconds']:>9.1f}{run['stage_seconds']:>10.1f}{run['per_instruction']:>15.4f}"
-              f"{run['per_instruction'] / base - 1:>+10.1%}{run['peak_rss_mb']:>13.0f}"
+              f"{run['per_instruction'] / base - 1:>+10.1%}{run['peak_rss_mb']:>13.0f}{run['peak_anonymous_mb']:>14.0f}"
               f"{run['response_utilisation']:>16.0%}")
 
 
