@@ -15,9 +15,11 @@ before.
 Memory: oneDNN compiles kernels for each row count it meets, and a build meets every one from 1 to a few hundred
 (decode batches shrinking in the tail, prefill and reward widths). Kept, they grew the process without bound in
 practice: 12000 products of the small model's shapes at random row counts from 1 to 300 took anonymous memory to
-1017 MB and still climbing. Rounded up to a multiple of `ONEDNN_ROW_MULTIPLE` (16, zero rows added and their
-outputs dropped) it stayed at 251 MB from the first 2000 on. At 256 decode rows nothing is added; in the tail and
-in prefills at most 15 rows are. The primitive cache is capped at 64 too (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`, read
+1017 MB and still climbing. Rounded up to one of `ONEDNN_ROWS_PER_OCTAVE` (8) counts per power of two (zero rows
+added, their outputs dropped) it stayed at 355 MB from the first 2000 on: 1-8 rows run as they are, 9-16 too,
+then steps of 2, 4, ... 32 from 256, so at most an eighth is added (at 256 decode rows, nothing). A fixed multiple
+of 16 kept less (251 MB), but runs a product of 1 row as 16 rows, and the tail's batches shrink to a few rows.
+The primitive cache is capped at 64 too (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`, read
 when oneDNN first runs; the default 1024 kept more, and 64 was the fastest of 0 / 64 / 256 / 1024 on a K=256
 build). `MAGPIE_CPU_GEMM=torch` keeps torch's own for a whole process (for a CPU where it is faster: the
 benchmark prints both kernels' throughput).
@@ -34,7 +36,7 @@ logger = logging.getLogger("magpie_builder")
 
 GEMMS = ("onednn", "torch")
 ONEDNN_MIN_MACS = 1 << 21  # rows x in_features x out_features below which F.linear runs
-ONEDNN_ROW_MULTIPLE = 16  # oneDNN sees row counts rounded up to this (see the module's docstring: memory)
+ONEDNN_ROWS_PER_OCTAVE = 8  # row counts oneDNN sees per power of two (see the module's docstring: memory)
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")  # before oneDNN's first call in this process
 
 
@@ -65,12 +67,18 @@ class OneDNNLinear(torch.nn.Linear):
         return linear_padded_rows(input, self.weight, self.bias)
 
 
+def padded_row_count(rows: int) -> int:
+    """`rows` rounded up to one of `ONEDNN_ROWS_PER_OCTAVE` counts per power of two: adds less than an eighth."""
+    step = max(1, (1 << (rows.bit_length() - 1)) // ONEDNN_ROWS_PER_OCTAVE)
+    return -(-rows // step) * step
+
+
 def linear_padded_rows(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """oneDNN's `input @ weight.T + bias` with the rows padded with zeros to a multiple of `ONEDNN_ROW_MULTIPLE`
-    (the padded rows' outputs are dropped): oneDNN then compiles kernels for a few row counts, not hundreds."""
+    """oneDNN's `input @ weight.T + bias` with the rows padded with zeros to `padded_row_count` (the padded rows'
+    outputs are dropped): oneDNN then compiles kernels for a few dozen row counts, not hundreds."""
     features = input.shape[-1]
     rows = input.numel() // features
-    missing = -rows % ONEDNN_ROW_MULTIPLE
+    missing = padded_row_count(rows) - rows
     if not missing:
         return _linear(input, weight, bias)
     flat = input.reshape(rows, features)

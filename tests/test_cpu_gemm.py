@@ -68,7 +68,7 @@ def test_small_products_stay_on_torch(monkeypatch):
 
 
 @needs_onednn
-def test_onednn_sees_row_counts_in_steps_of_sixteen(monkeypatch):
+def test_onednn_sees_a_few_row_counts_per_power_of_two(monkeypatch):
     # oneDNN compiles kernels per row count; hundreds of them grew the process (see cpu_gemm's docstring).
     monkeypatch.delenv("MAGPIE_CPU_GEMM", raising=False)
     monkeypatch.setattr(cpu_gemm, "ONEDNN_MIN_MACS", 0)
@@ -78,13 +78,17 @@ def test_onednn_sees_row_counts_in_steps_of_sixteen(monkeypatch):
     layer = torch.nn.Linear(64, 48)
     cpu_gemm.route_linears(layer)
     with torch.inference_mode():
-        for shape in [(1, 64), (15, 64), (16, 64), (17, 64), (3, 7, 64), (2, 1, 64), (256, 1, 64)]:
+        for shape in [(1, 64), (15, 64), (16, 64), (17, 64), (3, 7, 64), (2, 1, 64), (256, 1, 64), (257, 64),
+                      (999, 64)]:
             x = torch.randn(shape)
             got = layer(x)
             assert got.shape == (*shape[:-1], 48)
             torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.weight, layer.bias),
                                        atol=1e-5, rtol=1e-5)
-    assert rows_seen == [16, 16, 16, 32, 32, 16, 256]
+    assert rows_seen == [1, 15, 16, 18, 22, 2, 256, 288, 1024]
+    counts = {cpu_gemm.padded_row_count(rows) for rows in range(1, 4097)}
+    assert len(counts) <= 8 * 12 + 8  # 1-8 as they are, then 8 per power of two
+    assert all(rows <= cpu_gemm.padded_row_count(rows) < rows * 9 / 8 for rows in range(1, 4097))
 
 
 def test_torch_gemm_on_request_and_a_bad_value_names_the_fix(monkeypatch):
