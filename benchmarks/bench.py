@@ -35,13 +35,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def status_mb(field: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (`VmHWM`, `RssAnon`, ...), in MB; None off Linux."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over `exec`, so a
     scaling child would report its parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class AnonymousPeak:
@@ -55,9 +62,7 @@ class AnonymousPeak:
 
     def _watch(self):
         while not self._stop.is_set():
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    self.peak = max(self.peak, int(line.split()[1]) / 1024)
+            self.peak = max(self.peak, status_mb("RssAnon") or 0.0)
             self._stop.wait(0.05)
 
     def __enter__(self):
@@ -186,9 +191,7 @@ def percentiles(values) -> str:
 def naive_baseline(config, instructions_kept: list[str], threads: int = 1) -> dict:
     """One generate per instruction and per response, one reward call per response (research-script style)."""
     import torch
-    from transformers import GenerationConfig
-
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
     from builder.build import model_specs, pre_query_of
     from builder.models import load_tokenizer

@@ -19,10 +19,10 @@ practice: 12000 products of the small model's shapes at random row counts from 1
 added, their outputs dropped) it stayed at 355 MB from the first 2000 on: 1-8 rows run as they are, 9-16 too,
 then steps of 2, 4, ... 32 from 256, so at most an eighth is added (at 256 decode rows, nothing). A fixed multiple
 of 16 kept less (251 MB), but runs a product of 1 row as 16 rows, and the tail's batches shrink to a few rows.
-The primitive cache is capped at 64 too (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`, read
-when oneDNN first runs; the default 1024 kept more, and 64 was the fastest of 0 / 64 / 256 / 1024 on a K=256
-build). `MAGPIE_CPU_GEMM=torch` keeps torch's own for a whole process (for a CPU where it is faster: the
-benchmark prints both kernels' throughput).
+The primitive cache is capped at 64 too
+(`ONEDNN_PRIMITIVE_CACHE_CAPACITY`, read when oneDNN first runs; the default 1024 kept more, and 64 was the fastest
+of 0 / 64 / 256 / 1024 on a K=256 build). `MAGPIE_CPU_GEMM=torch` keeps torch's own for a whole process (for a
+CPU where it is faster: the benchmark prints both kernels' throughput).
 """
 
 import functools

@@ -13,12 +13,17 @@ def fresh_model():
     return AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny:chat-llama-3")).eval()
 
 
-def spy_on_onednn(monkeypatch) -> list:
+def macs(input, weight):
+    return input.numel() * weight.shape[0]
+
+
+def spy_on_onednn(monkeypatch, record=macs) -> list:
+    """The oneDNN products run from here on, each as `record(input, weight)`."""
     calls = []
     linear = cpu_gemm._linear
 
     def spy(input, weight, bias):
-        calls.append(input.numel() * weight.shape[0])
+        calls.append(record(input, weight))
         return linear(input, weight, bias)
 
     monkeypatch.setattr(cpu_gemm, "_linear", spy)
@@ -72,9 +77,7 @@ def test_onednn_sees_a_few_row_counts_per_power_of_two(monkeypatch):
     # oneDNN compiles kernels per row count; hundreds of them grew the process (see cpu_gemm's docstring).
     monkeypatch.delenv("MAGPIE_CPU_GEMM", raising=False)
     monkeypatch.setattr(cpu_gemm, "ONEDNN_MIN_MACS", 0)
-    rows_seen = []
-    linear = cpu_gemm._linear
-    monkeypatch.setattr(cpu_gemm, "_linear", lambda x, w, b: rows_seen.append(x.shape[0]) or linear(x, w, b))
+    rows_seen = spy_on_onednn(monkeypatch, record=lambda input, weight: input.shape[0])
     layer = torch.nn.Linear(64, 48)
     cpu_gemm.route_linears(layer)
     with torch.inference_mode():
