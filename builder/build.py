@@ -7,6 +7,10 @@ parts are concatenated in rank order, which gives exactly the rows of a one-proc
 """
 
 import logging
+import os
+import shutil
+import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +73,45 @@ class Ranks:
         parts = [load_from_disk(str(folder / f"rank-{r:05d}")) for r in range(self.world_size)]
         # A rank with no rows (more ranks than rows) mapped nothing and has none of the new columns.
         return concatenate_datasets([part for part in parts if len(part)])
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def fresh_tables_folder(rank: int) -> Path:
+    """A new folder for this build's Arrow tables: `$MAGPIE_BUILDER_CACHE/tables/<host>-pid<pid>-rank<r>-*`.
+
+    Why: a dataset made in memory (`Dataset.from_dict`) keeps every `map` result in memory too, so the whole build
+    (100K instructions x 5 responses, and a copy per stage) would sit in RAM and grow with K. Started from a file,
+    every stage's output is an Arrow file that `map` writes batch by batch and the next stage memory-maps.
+    Folders of this host whose process is gone (a crashed build, a finished one) are removed first; they hold no
+    resume state (finished batches are kept under `cache_dir`)."""
+    parent = cache_root() / "tables"
+    parent.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for old in parent.glob(f"{host}-pid*"):
+        pid = old.name[len(host) + 4:].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{host}-pid{os.getpid()}-rank{rank}-", dir=parent))
+
+
+def keep_only_tables_of(dataset: DatasetDict, folder: Path) -> int:
+    """Deletes the earlier stages' tables in `folder`, which the finished dataset does not read. Returns bytes freed."""
+    kept = {Path(f["filename"]).resolve() for split in dataset.values() for f in split.cache_files}
+    freed = 0
+    for path in folder.rglob("*"):
+        if path.is_file() and path.resolve() not in kept:
+            freed += path.stat().st_size
+            path.unlink()
+    return freed
 
 
 def model_specs(config: BuildConfig, ranks: Ranks = Ranks()) -> tuple[ModelSpec, ModelSpec]:
@@ -134,8 +177,11 @@ def build(config: BuildConfig, ranks: Ranks = Ranks()) -> BuildResult | None:
     logger.info("pre-query template (%s): %r", pre_query.source, pre_query.text)
 
     # 1. Instructions from the pre-query template alone.
+    tables = fresh_tables_folder(ranks.rank)
     with ledger.stage("instructions", rows_in=config.num_instructions) as record:
-        rows = Dataset.from_dict({"uuid": stages.make_uuids(config.seed, config.num_instructions)})
+        uuids = Dataset.from_dict({"uuid": stages.make_uuids(config.seed, config.num_instructions)})
+        uuids.save_to_disk(str(tables / "uuids"))
+        rows = load_from_disk(str(tables / "uuids"))  # every later table is a file beside this one
         settings = stages.InstructionSettings(
             tuple(pre_query.token_ids), pre_query.text,
             SamplingParams(config.instruction_temperature, config.instruction_top_p, config.max_instruction_tokens,
@@ -189,6 +235,7 @@ def build(config: BuildConfig, ranks: Ranks = Ranks()) -> BuildResult | None:
         record.rows_out = len(rows)
         record.notes["reward_inputs_truncated"] = sum(rows["reward_inputs_truncated"])
     if ranks.rank != 0:
+        shutil.rmtree(tables, ignore_errors=True)  # this rank's part is in the shared parts folder
         return None
 
     # 5. Binarize: chosen = highest reward, rejected = lowest.
@@ -208,5 +255,8 @@ def build(config: BuildConfig, ranks: Ranks = Ranks()) -> BuildResult | None:
         record.rows_out = sum(len(split) for split in dataset.values())
         record.notes.update({f"{name}_rows": len(split) for name, split in dataset.items()})
 
+    freed = keep_only_tables_of(dataset, tables)
+    logger.info("tables of the finished dataset in %s (%.1f MB of earlier stages' tables deleted)", tables,
+                freed / 2**20)
     logger.info("build summary\n%s", ledger.summary())
     return BuildResult(dataset, ledger, pre_query, config, reward_revision, build_date())

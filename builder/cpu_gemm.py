@@ -21,8 +21,10 @@ then steps of 2, 4, ... 32 from 256, so at most an eighth is added (at 256 decod
 of 16 kept less (251 MB), but runs a product of 1 row as 16 rows, and the tail's batches shrink to a few rows.
 The primitive cache is capped at 64 too
 (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`, read when oneDNN first runs; the default 1024 kept more, and 64 was the fastest
-of 0 / 64 / 256 / 1024 on a K=256 build). `MAGPIE_CPU_GEMM=torch` keeps torch's own for a whole process (for a
-CPU where it is faster: the benchmark prints both kernels' throughput).
+of 0 / 64 / 256 / 1024 on a K=256 build), and so is ideep's own cache in front of it (`LRU_CACHE_CAPACITY`, default
+1024): with that default, the heap in use grew from 168 to 226 MB over the shards of a K=1024 build of the
+benchmark's small model; at 64 it stays at 168-172 MB, in the same time. `MAGPIE_CPU_GEMM=torch` keeps torch's own
+for a whole process (for a CPU where it is faster: the benchmark prints both kernels' throughput).
 """
 
 import functools
@@ -38,6 +40,7 @@ GEMMS = ("onednn", "torch")
 ONEDNN_MIN_MACS = 1 << 21  # rows x in_features x out_features below which F.linear runs
 ONEDNN_ROWS_PER_OCTAVE = 8  # row counts oneDNN sees per power of two (see the module's docstring: memory)
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")  # before oneDNN's first call in this process
+os.environ.setdefault("LRU_CACHE_CAPACITY", "64")  # ideep's, read likewise
 
 
 def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

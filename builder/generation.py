@@ -403,17 +403,33 @@ class SlotCache(DynamicCache):
     def length(self) -> int:
         return self.layers[0].length
 
+    def _allocate(self, source: DynamicCache) -> None:
+        """The keys and values of every layer, shaped like `source`'s, as views of one zeroed block per device.
+
+        One block: a buffer of each layer's size sits under glibc's adaptive mmap threshold once an earlier shard
+        freed one as large, so it came from the heap, and the heap kept it after the shard (200+ MB of free heap
+        on the benchmark's small model, a little more each shard). A block of all layers is mmapped and given back
+        whole. Zeros, though every column a forward reads is written first (by `fill_rows` or a decode step): an
+        untouched page costs nothing until the write column reaches it, so peak memory depended on how far each
+        shard's steps got, and a build that fit its first shards could run out of memory in a later one. Written
+        here, the whole footprint is there from the first step of the first shard, as on a GPU."""
+        groups: dict[tuple, list[int]] = {}  # (device, dtype, kv heads, head dim) -> layer indices
+        for index, prefilled in enumerate(source.layers):
+            like = prefilled.key_buffer
+            groups.setdefault((like.device, like.dtype, like.shape[1], like.shape[-1]), []).append(index)
+        for (device, dtype, heads, dim), members in groups.items():
+            block = torch.zeros((len(members), 2, self.rows, heads, self.columns, dim), dtype=dtype, device=device)
+            for position, index in enumerate(members):
+                layer = self.layers[index]
+                layer.key_buffer, layer.value_buffer = block[position, 0], block[position, 1]
+                layer.device, layer.is_initialized, layer.length = device, True, self.longest_prompt
+
     def fill_rows(self, rows: torch.Tensor, source: DynamicCache, source_rows: torch.Tensor, width: int,
                   prompt_lengths: torch.Tensor, skip: int = 0) -> None:
         """Copies prefilled prompts (left-padded to `width` in `source`, after its first `skip` columns) into `rows`,
         ending at the write column. `prompt_lengths` counts the tokens copied."""
         if not self.layers[0].is_initialized:
-            for layer, prefilled in zip(self.layers, source.layers):
-                like = prefilled.key_buffer
-                # Uninitialised: every column a forward reads is written first (below, or by a decode step).
-                layer.key_buffer = like.new_empty((self.rows, like.shape[1], self.columns, like.shape[-1]))
-                layer.value_buffer = torch.empty_like(layer.key_buffer)
-                layer.device, layer.is_initialized, layer.length = like.device, True, self.longest_prompt
+            self._allocate(source)
         length = self.length
         start = length - width
         for layer, prefilled in zip(self.layers, source.layers):

@@ -89,6 +89,33 @@ def test_save_to_disk_on_request(tmp_path):
     assert rows(load_from_disk(str(tmp_path / "arrow"))) == rows(result.dataset)
 
 
+def test_stage_tables_are_files_and_only_the_final_splits_stay():
+    # Started in memory, every stage's table would stay in RAM (growing with K); the build's tables are Arrow
+    # files, and the earlier stages' ones are deleted once the splits are written.
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from builder.tiny import cache_root
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = cache_root() / "tables" / f"{socket.gethostname()}-pid{int(gone.stdout)}-rank0-crashed"
+    (stale / "uuids").mkdir(parents=True, exist_ok=True)
+    (stale / "uuids" / "cache-0.arrow").write_bytes(b"left by a killed build")
+    live = cache_root() / "tables" / f"{socket.gethostname()}-pid{os.getpid()}-rank0-running"
+    live.mkdir(parents=True, exist_ok=True)
+
+    result = build(small_config())
+    files = {Path(f["filename"]) for split in result.dataset.values() for f in split.cache_files}
+    assert len(files) == 2  # train and test, each one file
+    (folder,) = {path.parents[1] for path in files}
+    assert folder.parent == cache_root() / "tables"
+    assert {path for path in folder.rglob("*") if path.is_file()} == files
+    assert not stale.exists() and live.exists()  # a dead process's folder goes, a running one's stays
+    live.rmdir()
+
+
 def test_summary_reports_every_stage():
     result = build(small_config())
     names = [r.name for r in result.ledger.stages]

@@ -156,6 +156,36 @@ def test_continuous_batching_gives_the_same_samples_at_every_batch_size(tiny_mod
     assert moved, "retiring finished rows moved live rows into their place and changed nothing"
 
 
+def test_the_slot_cache_is_one_zeroed_block_from_the_first_prompt(tiny_model, monkeypatch):
+    # Memory that does not depend on how far a shard got: every layer's keys and values are views of one block,
+    # written in full (zeros) when the first prompt is copied in, not page by page as the write column advances.
+    from builder import generation
+
+    seen = []
+    fill = generation.SlotCache.fill_rows
+
+    def first_fill(cache, rows, source, *args, **kwargs):
+        fresh = not cache.layers[0].is_initialized
+        fill(cache, rows, source, *args, **kwargs)
+        if fresh:
+            seen.append([(layer.key_buffer.clone(), layer.value_buffer.clone(), layer.key_buffer.untyped_storage(),
+                          cache.mask.clone()) for layer in cache.layers])
+
+    monkeypatch.setattr(generation.SlotCache, "fill_rows", first_fill)
+    model, tokenizer = load(tiny_model)
+    params = SamplingParams(1.0, 1.0, 8, (tokenizer.convert_tokens_to_ids("<|eot_id|>"),))
+    sample(model, [tokenizer("Hi there").input_ids], [1, 2], params, num_samples=2, pad_token_id=tokenizer.pad_token_id)
+    (layers,) = seen
+    assert len(layers) == model.config.num_hidden_layers
+    assert len({storage.data_ptr() for _, _, storage, _ in layers}) == 1  # one allocation for all layers
+    block_bytes = layers[0][2].nbytes()
+    assert block_bytes == sum(keys.nbytes + values.nbytes for keys, values, _, _ in layers)
+    for keys, values, _, mask in layers:
+        outside = ~mask[:, None, :, None].expand_as(keys)  # columns no prompt token was copied to
+        assert bool((keys[outside] == 0).all()) and bool((values[outside] == 0).all())
+        assert bool((keys[~outside] != 0).any())  # the prompts' keys are there
+
+
 def greedy_without_cache(model, prompt, steps):
     ids = list(prompt)
     with torch.no_grad():
