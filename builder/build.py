@@ -97,7 +97,7 @@ def fresh_tables_folder(rank: int) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname()
     for old in parent.glob(f"{host}-pid*"):
-        pid = old.name[len(host) + 4:].split("-", 1)[0]
+        pid = old.name.removeprefix(f"{host}-pid").split("-", 1)[0]
         if pid.isdigit() and not _process_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{host}-pid{os.getpid()}-rank{rank}-", dir=parent))
@@ -256,7 +256,9 @@ def build(config: BuildConfig, ranks: Ranks = Ranks()) -> BuildResult | None:
         record.notes.update({f"{name}_rows": len(split) for name, split in dataset.items()})
 
     freed = keep_only_tables_of(dataset, tables)
-    logger.info("tables of the finished dataset in %s (%.1f MB of earlier stages' tables deleted)", tables,
-                freed / 2**20)
+    # Under several ranks the splits are in the shared parts folder (the gathered parts), not in `tables`.
+    folders = sorted({str(Path(f["filename"]).parent) for split in dataset.values() for f in split.cache_files})
+    logger.info("tables of the finished dataset in %s (%.1f MB of earlier stages' tables deleted)",
+                ", ".join(folders), freed / 2**20)
     logger.info("build summary\n%s", ledger.summary())
     return BuildResult(dataset, ledger, pre_query, config, reward_revision, build_date())

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from builder.generation import (SamplingParams, counter_uniform, inverse_cdf, prefill, sample, sample_next_tokens, shared_prefix,
-                                splitmix64)
+from builder.generation import (SamplingParams, counter_uniform, inverse_cdf, prefill, sample, sample_next_tokens,
+                                shared_prefix, splitmix64)
 
 MASK = (1 << 64) - 1
 
