@@ -4,6 +4,7 @@
     python benchmarks/bench.py --instructions 16 64 256   # adds the steady-state comparison (~17 min)
     python benchmarks/bench.py --sizes tiny --scaling 64 256 1024 4096
     python benchmarks/bench.py --sizes small --instructions 64 256 --procs 2 --scaling   # the whole 2-core machine
+    python benchmarks/bench.py --sizes small --instructions --scaling 512 1024 --look-ahead   # shards into each other
 
 For each model size (tiny, and small: hidden 512, 8 layers, 8/2 query/key-value heads, vocab 8k, 30.5M
 parameters), in one process and on identical work (the same instructions, N responses each, the same token caps):
@@ -165,6 +166,9 @@ def shared_prompt_prefix(config, instructions: list[str]) -> int:
     return common_prefix_length(prompts) if len(prompts) > 1 else 0
 
 
+LOOK_AHEAD = False  # --look-ahead: the build's `look_ahead` (shards start in the previous shard's tail)
+
+
 def config_for(size: str, num_instructions: int, **overrides):
     from builder.config import BuildConfig
 
@@ -172,7 +176,7 @@ def config_for(size: str, num_instructions: int, **overrides):
     values = dict(
         generator_model=f"tiny:chat-llama-3.1{suffix}", reward_model=f"tiny:reward{suffix}",
         num_instructions=num_instructions, max_instruction_tokens=64, max_response_tokens=128, num_responses=5,
-        generation_batch_size=256, reward_batch_size=8, test_size=0.1, seed=1, resume=False,
+        generation_batch_size=256, reward_batch_size=8, test_size=0.1, seed=1, resume=False, look_ahead=LOOK_AHEAD,
     )
     values.update(overrides)
     return BuildConfig(**values)
@@ -315,7 +319,7 @@ def print_comparison(c: dict) -> None:
     machine = "1 thread" if c["procs"] == 1 else (f"ours {c['procs']} processes x 1 thread (num_proc), naive "
                                                     f"{c['procs']} threads")
     print(f"\n== {c['size']} model ({c['params_millions']:.1f}M parameters), {c['instructions']} instructions x 5 "
-          f"responses, caps 64/128 tokens, fp32, {machine}")
+          f"responses, caps 64/128 tokens, fp32, {machine}" + (", look_ahead" if LOOK_AHEAD else ""))
     print(f"{'stage':<14}{'ours s':>9}{'naive s':>9}{'ratio':>8}{'ours tok/s':>12}{'naive tok/s':>12}")
     for stage in ("instructions", "responses", "rewards"):
         ours, naive = c["ours_seconds"][stage], c["naive_seconds"][stage]
@@ -367,7 +371,8 @@ def scaling_run(size: str, num_instructions: int) -> dict:
 def scaling(size: str, ks: list[int]) -> list[dict]:
     out = []
     for k in ks:
-        done = subprocess.run([sys.executable, __file__, "--scaling-run", size, str(k)], capture_output=True,
+        done = subprocess.run([sys.executable, __file__, "--scaling-run", size, str(k)]
+                              + (["--look-ahead"] if LOOK_AHEAD else []), capture_output=True,
                               text=True, check=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
         out.append(json.loads(done.stdout.strip().splitlines()[-1]))
     return out
@@ -375,7 +380,7 @@ def scaling(size: str, ks: list[int]) -> list[dict]:
 
 def print_scaling(size: str, runs: list[dict]) -> None:
     base = runs[0]["per_instruction"]
-    print(f"\n== scaling, {size} model")
+    print(f"\n== scaling, {size} model" + (", look_ahead" if LOOK_AHEAD else ""))
     print(f"{'K':>6}{'wall s':>9}{'stages s':>10}{'s/instruction':>15}{'vs K=' + str(runs[0]['k']):>10}"
           f"{'peak RSS MB':>13}{'anonymous MB':>14}{'responses util':>16}")
     for run in runs:
@@ -396,7 +401,11 @@ def main():
     parser.add_argument("--scaling", nargs="*", type=int, default=None,
                         help="K values of the scaling table (default 64 256 1024, plus 4096 on tiny)")
     parser.add_argument("--scaling-run", nargs=2, metavar=("SIZE", "K"), help=argparse.SUPPRESS)
+    parser.add_argument("--look-ahead", action="store_true",
+                        help="build with look_ahead: each shard's samples start in the previous shard's tail")
     args = parser.parse_args()
+    global LOOK_AHEAD
+    LOOK_AHEAD = args.look_ahead
 
     import logging
 

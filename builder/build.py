@@ -17,10 +17,10 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
 
 from . import stages
-from .cache import cached_batch, count_reused, stage_key
+from .cache import NextBatch, cached_batch, count_reused, stage_key
 from .card import build_date
 from .config import BuildConfig
-from .generation import SamplingParams
+from .generation import SamplingParams, release_carried_batch
 from .ledger import Ledger
 from .models import ModelSpec, model_info
 from .templates import PreQuery, derive_pre_query
@@ -143,18 +143,22 @@ def pre_query_of(config: BuildConfig, generator: ModelSpec) -> PreQuery:
 
 
 def model_stage(rows: Dataset, function, config: BuildConfig, ranks: Ranks, desc: str, key: str, fn_kwargs: dict,
-                batch_size: int) -> Dataset:
+                batch_size: int, look_ahead: bool = False) -> Dataset:
     """A model stage as `Dataset.map`: batched, a progress bar, one model per worker (`with_rank`), and every
-    finished batch kept for a resumed run."""
+    finished batch kept for a resumed run. With `look_ahead` the function also gets the worker's next batch, which
+    a generation stage starts in the rows the current batch's tail frees (`generation.sample(then=...)`)."""
     cache = str(Path(config.cache_dir or cache_root() / "batches")) if config.resume else None
     rows = ranks.part(rows)
+    num_proc = config.num_proc if config.num_proc > 1 and len(rows) > 1 else None
     rows = rows.map(
-        cached_batch, batched=True, batch_size=batch_size, with_rank=True,
-        num_proc=config.num_proc if config.num_proc > 1 and len(rows) > 1 else None,
-        fn_kwargs={"function": function, "cache_root": cache, "key": key, **fn_kwargs}, desc=desc,
+        cached_batch, batched=True, batch_size=batch_size, with_indices=True, with_rank=True, num_proc=num_proc,
+        fn_kwargs={"function": function, "cache_root": cache, "key": key,
+                   "next_batch": NextBatch(rows, batch_size, num_proc) if look_ahead else None, **fn_kwargs},
+        desc=desc,
         # The key says everything that changes the output; hashing the model specs is all a fingerprint needs.
         new_fingerprint=stage_key("map", key, ranks.rank, rows._fingerprint)[-24:],
     )
+    release_carried_batch()  # in this process: work started for a batch that never came (a layout NextBatch missed)
     rows = ranks.gather(rows, key)
     count_reused(rows, desc)
     return rows.remove_columns("cached_batch")
@@ -191,7 +195,8 @@ def build(config: BuildConfig, ranks: Ranks = Ranks()) -> BuildResult | None:
         instruction_key = stage_key("instructions", model_identity(generator), settings)
         rows = model_stage(rows, stages.generate_instructions, config, ranks, "Generating instructions",
                            instruction_key, {"generator": generator, "settings": settings,
-                                             "max_batch_size": config.generation_batch_size}, config.shard_size)
+                                             "max_batch_size": config.generation_batch_size}, config.shard_size,
+                           look_ahead=config.look_ahead)
         record.rows_out = len(rows)
         record.tokens = sum(rows["instruction_tokens"])
 
@@ -218,7 +223,8 @@ def build(config: BuildConfig, ranks: Ranks = Ranks()) -> BuildResult | None:
         response_key = stage_key("responses", model_identity(generator), settings, config.chat_template_date)
         rows = model_stage(rows, stages.generate_responses, config, ranks, "Generating responses", response_key,
                            {"generator": generator, "settings": settings,
-                            "max_batch_size": config.generation_batch_size}, config.shard_size)
+                            "max_batch_size": config.generation_batch_size}, config.shard_size,
+                           look_ahead=config.look_ahead)
         rows = rows.remove_columns("prompt_token_ids")
         record.rows_out = len(rows)
         record.tokens = sum(map(sum, rows["response_tokens"]))

@@ -6,7 +6,9 @@ written to a temporary name and renamed, so a file exists only whole. A run kill
 batches that had not finished, and a changed config never reuses stale work: its key differs.
 
 Rows do not depend on their batch (every sample has its own seed), so a rerun with another batch size or
-process count still gets exactly the rows of the first run.
+process count gets the rows of the first run up to float rounding (a near-tie token can flip: see the README).
+A batch reruns exactly as it first ran, so a resumed build is exact; with `look_ahead` a batch's last bits depend
+on the batch before it, which a resumed run may not have run.
 """
 
 import hashlib
@@ -14,6 +16,7 @@ import json
 import logging
 import os
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -57,6 +60,9 @@ class BatchCache:
             return None
         return json.loads(path.read_text())
 
+    def has(self, uuids: list[str]) -> bool:
+        return self.folder is not None and self.path(uuids).exists()
+
     def save(self, uuids: list[str], outputs: dict) -> None:
         if self.folder is None:
             return
@@ -67,8 +73,36 @@ class BatchCache:
         os.replace(tmp, path)  # atomic: a killed run leaves a whole file or none
 
 
-def cached_batch(batch: dict, rank, *, function, cache_root: str | None, key: str, **kwargs) -> dict:
-    """Runs `function(batch, rank, **kwargs)` unless this stage already wrote this batch's output.
+@dataclass(frozen=True)
+class NextBatch:
+    """Finds the batch a `Dataset.map` worker gets after the current one, so a generation stage can start it in the
+    rows the current one's tail frees (the rows mapped, `map`'s `batch_size` and `num_proc`).
+
+    `map` gives worker `rank` the contiguous shard `rows.shard(num_proc, rank, contiguous=True)` and its batches in
+    order; the indices it passes are positions in `rows`. Work started for a batch that then does not come (another
+    layout than this one) is dropped unused: a row's output never depends on it."""
+
+    rows: object  # datasets.Dataset
+    batch_size: int
+    num_proc: int | None = None
+
+    def after(self, indices: list[int], rank: int | None) -> dict | None:
+        start, end = 0, len(self.rows)
+        workers = min(self.num_proc or 1, end)
+        if workers > 1 and rank is not None:
+            size, extra = divmod(end, workers)
+            start = size * rank + min(rank, extra)
+            end = start + size + (rank < extra)
+        begin = indices[-1] + 1
+        if not (start <= indices[0] and begin <= end) or begin == end:
+            return None
+        return self.rows[begin : min(begin + self.batch_size, end)]
+
+
+def cached_batch(batch: dict, indices: list[int], rank, *, function, cache_root: str | None, key: str,
+                 next_batch: NextBatch | None = None, **kwargs) -> dict:
+    """Runs `function(batch, rank, **kwargs)` unless this stage already wrote this batch's output. With
+    `next_batch`, the function also gets the worker's next batch (`next_batch=`), unless that one is in the cache.
 
     The output carries a `cached_batch` column (True where reused) that the build counts and removes.
     """
@@ -76,6 +110,9 @@ def cached_batch(batch: dict, rank, *, function, cache_root: str | None, key: st
     outputs = cache.load(batch["uuid"])
     reused = outputs is not None
     if not reused:
+        if next_batch is not None:
+            upcoming = next_batch.after(indices, rank)
+            kwargs["next_batch"] = upcoming if upcoming and not cache.has(upcoming["uuid"]) else None
         outputs = function(batch, rank, **kwargs)
         cache.save(batch["uuid"], outputs)
     return {**outputs, "cached_batch": [reused] * len(batch["uuid"])}

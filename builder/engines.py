@@ -66,12 +66,13 @@ def sample_vllm(llm, prompts: list[list[int]], seeds: list[int], params: Samplin
 
 def sample_completions(spec: ModelSpec, rank: int | None, prompts: list[list[int]], seeds: list[int],
                        params: SamplingParams, num_samples: int = 1, same_prompt: bool = False,
-                       max_batch_size: int = 64):
+                       max_batch_size: int = 64, then: tuple[list[list[int]], list[int]] | None = None):
     """(completions, tokenizer): `len(prompts) * num_samples` completions, grouped by prompt.
 
     `same_prompt` says every prompt is the same (the instruction stage): transformers then holds it once and
     prefills it once per call; vLLM finds the shared prefix in its own prefix cache. `max_batch_size` is the transformers engine's
-    continuous batch (vLLM schedules its own).
+    continuous batch (vLLM schedules its own). `then` is the next shard's `(prompts, seeds)`, which transformers starts
+    in the rows this shard's tail frees (`generation.sample`); vLLM runs one shard per call and ignores it.
     """
     if spec.engine == "vllm":
         return sample_vllm(load_vllm(spec, rank), prompts, seeds, params, num_samples), load_tokenizer(spec)
@@ -81,6 +82,7 @@ def sample_completions(spec: ModelSpec, rank: int | None, prompts: list[list[int
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if same_prompt and num_samples == 1:
         prompts, num_samples = prompts[:1], len(prompts)
+        then = (then[0][:1], then[1]) if then else None
     completions = sample(model, prompts, seeds, params, num_samples=num_samples, pad_token_id=pad_id,
-                         max_batch_size=max_batch_size)
+                         max_batch_size=max_batch_size, then=then)
     return completions, tokenizer

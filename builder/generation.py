@@ -6,7 +6,9 @@ Why not `model.generate`: three things a dataset builder needs that it does not 
   `temperature: 1.0, top_p: 1.0`.
 - Every sample has its own seed, and the random numbers are a pure function of (seed, step, token id): a row's
   text does not depend on the batch it landed in, so batch size, `num_proc`, sharding across nodes and resuming
-  after a crash all give the same dataset.
+  after a crash give the same dataset, up to float rounding (a matmul's last bits depend on its shape, which can
+  flip a near-tie token: about 1 response in 900 between shard and batch sizes 256 and 100, measured). A resumed
+  shard runs exactly as it first did, so resuming is exact.
 - The N responses of one instruction share one prefill (the KV cache is repeated, not recomputed), so does the
   prefix all prompts start with (the chat template's system block and user header), and finished sequences are
   retired from the batch instead of decoding padding until the longest one ends.
@@ -15,6 +17,7 @@ Why not `model.generate`: three things a dataset builder needs that it does not 
 import contextlib
 import contextvars
 import inspect
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -490,6 +493,222 @@ class SlotCache(DynamicCache):
         return self.mask[:batch, first : length + 1]
 
 
+@dataclass
+class Job:
+    """One call's work in a `ContinuousBatch`: `len(prompts) * num_samples` completions, numbered from `first`."""
+
+    prompts: list[list[int]]
+    seeds: list[int]
+    num_samples: int
+    first: int
+
+    @property
+    def completions(self) -> range:
+        return range(self.first, self.first + len(self.seeds))
+
+    def is_for(self, prompts: list[list[int]], seeds: list[int], num_samples: int) -> bool:
+        return self.num_samples == num_samples and self.seeds == seeds and self.prompts == prompts
+
+
+class ContinuousBatch:
+    """Up to `rows` sequences decoding together, fed from a queue of jobs (one per call of `sample`).
+
+    When enough rows have finished, waiting completions take them, so the batch stays full until the queue runs
+    dry; then finished rows are retired once they are an eighth of the batch (retiring at every finish would copy
+    the whole cache each time). Prompts are prefilled once each (the N samples of a prompt share that prefill),
+    shortest first within a job and a few hundred tokens per pass ahead of need, on top of the prefix all prompts
+    share, which runs once. A completion's text does not depend on when it is admitted or what it shares a batch
+    with: its random numbers are a function of its seed and step only.
+
+    Jobs are admitted in order, so a second job's completions start as soon as the first's are all admitted: its
+    rows fill the first job's tail (the steps in which the batch empties, every row waiting on its longest
+    sample), and `run` returns the first job's completions while the second's keep their place.
+    """
+
+    def __init__(self, model, params: SamplingParams, prompts: list[list[int]], rows: int, pad_token_id: int):
+        self.model, self.params, self.pad_token_id, self.rows = model, params, pad_token_id, rows
+        self.device = model.device
+        # The tokens every prompt starts with run once, not once per refill (half of a short chat prompt).
+        self.shared = shared_prefix(model, prompts)
+        self.root = self.shared.length if self.shared else 0
+        self.prefix_tokens = prompts[0][: self.root]
+        with cascade_decoding(model, self.shared) as cascade:
+            self.cascade = cascade
+        # With cascade attention the slot cache holds each prompt's own tokens only; the prefix is read once per step.
+        self.kept = self.root if self.cascade else 0  # prompt columns the slot cache does not hold
+        self.cache = SlotCache(model, rows, max(map(len, prompts)) - self.kept, params.max_new_tokens)
+        self.cache_kwarg = cache_argument(model, self.cache)
+        self.stop_ids = torch.tensor(sorted(params.stop_token_ids), dtype=torch.long, device=self.device)
+        self.holder: list[int | None] = [None] * rows  # the completion each batch row holds; None = free
+        self.next_tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.batch = 0  # rows [0, batch) go through the model
+        self.jobs: list[Job] = []  # unfinished, in order
+        self.unfinished: dict[int, int] = {}  # job's first completion -> its completions not finished yet
+        self.prompts: dict[int, list[int]] = {}  # prompt number -> tokens, until its last sample is admitted
+        self.samples_left: dict[int, int] = {}  # prompt number -> its samples not admitted yet
+        self.to_stage: deque[int] = deque()  # prompt numbers in admission order, not prefilled yet
+        self.staged: dict[int, tuple[DynamicCache, int, torch.Tensor]] = {}  # prompt -> (prefill cache, row, logits)
+        self.waiting: deque[int] = deque()  # completions in admission order
+        self.prompt_of, self.seed_of, self.job_of = {}, {}, {}  # per completion
+        self.generated: dict[int, list[int]] = {}
+        self.finish: dict[int, str] = {}
+        self.prompt_count = self.completion_count = 0
+
+    def accepts(self, prompts: list[list[int]]) -> bool:
+        """Whether `prompts` can join: they start with the prefix this batch shares, and fit its cache."""
+        return all(len(p) > self.root and p[: self.root] == self.prefix_tokens for p in prompts) and \
+            max(map(len, prompts)) - self.kept <= self.cache.longest_prompt
+
+    def submit(self, prompts: list[list[int]], seeds: list[int], num_samples: int) -> Job:
+        job = Job(prompts, seeds, num_samples, self.completion_count)
+        base = self.prompt_count
+        # Prompts are admitted shortest first, so each staged prefill pads little.
+        for local in sorted(range(len(prompts)), key=lambda p: len(prompts[p])):
+            self.to_stage.append(base + local)
+            self.waiting.extend(job.first + local * num_samples + j for j in range(num_samples))
+        for local, prompt in enumerate(prompts):
+            self.prompts[base + local], self.samples_left[base + local] = prompt, num_samples
+        for completion, seed in zip(job.completions, seeds):
+            self.prompt_of[completion] = base + (completion - job.first) // num_samples
+            self.seed_of[completion], self.job_of[completion] = seed, job.first
+            self.generated[completion], self.finish[completion] = [], "length"
+        self.prompt_count += len(prompts)
+        self.completion_count += len(seeds)
+        self.jobs.append(job)
+        self.unfinished[job.first] = len(seeds)
+        return job
+
+    def run(self) -> list[Completion]:
+        """Decodes until the oldest job's completions have all finished, and returns them (grouped by prompt)."""
+        job = self.jobs[0]
+        with cascade_decoding(self.model, self.shared if self.cascade else None):
+            while self.unfinished[job.first]:
+                self._advance()
+        self.jobs.pop(0)
+        del self.unfinished[job.first]
+        for completion in job.completions:
+            del self.prompt_of[completion], self.seed_of[completion], self.job_of[completion]
+        return [Completion(self.generated.pop(c), self.finish.pop(c)) for c in job.completions]
+
+    def _advance(self) -> None:
+        """One refill, or one decode step (after retiring finished rows when the queue is dry)."""
+        live = [r for r in range(self.batch) if self.holder[r] is not None]
+        free_rows = self.rows - len(live)
+        # Refill once a sixteenth of the batch is free (or everything): one prefill per refill, not per finish.
+        if self.waiting and (not live or free_rows >= min(len(self.waiting), max(1, self.rows // 16))):
+            self._admit()
+            return
+        if not live:
+            raise RuntimeError("ContinuousBatch: unfinished completions but no live row and nothing waiting")
+        if not self.waiting and self.batch - len(live) >= max(1, self.batch // 8):
+            live = self._retire(live)
+        self.cache.reserve_column(live)
+        batch = self.batch
+        prefix_token = _decode_prefix.set(self.shared if self.cascade else None)
+        try:
+            out = self.model(input_ids=self.next_tokens[:batch, None], attention_mask=self.cache.decode_mask(),
+                             position_ids=self.positions[:batch, None], use_cache=True, **self.cache_kwarg)
+        finally:
+            _decode_prefix.reset(prefix_token)
+        self.positions[:batch] += 1
+        # All rows live (the steady state): a view, not a copy of the batch's logits.
+        self._take_tokens(live, out.logits[:, -1] if len(live) == batch else out.logits[live, -1, :])
+
+    def _take_tokens(self, batch_rows: list[int], logits: torch.Tensor) -> None:
+        """Samples the next token of each of `batch_rows` and files it; finished rows are freed."""
+        held = [self.holder[r] for r in batch_rows]
+        steps = torch.tensor([len(self.generated[c]) for c in held], device=self.device)
+        seeds = torch.tensor([self.seed_of[c] for c in held], dtype=torch.int64, device=self.device)
+        tokens = sample_next_tokens(logits, seeds, steps, self.params, overwrite=True)
+        self.next_tokens[batch_rows] = tokens
+        for row, completion, token, stopped in zip(batch_rows, held, tokens.tolist(),
+                                                   torch.isin(tokens, self.stop_ids).tolist()):
+            if stopped:
+                self.finish[completion] = "stop"
+            else:
+                self.generated[completion].append(token)
+                if len(self.generated[completion]) < self.params.max_new_tokens:
+                    continue
+            self.holder[row] = None
+            self.unfinished[self.job_of[completion]] -= 1
+
+    def _stage(self) -> None:
+        """Prefills the next prompts in admission order together, `PREFILL_TOKENS` padded tokens' worth: refills
+        free a few rows at a time, and a prefill of one or two prompts would waste the pass over the weights."""
+        chunk = [self.to_stage.popleft()]
+        longest = len(self.prompts[chunk[0]]) - self.root
+        while self.to_stage:
+            with_next = max(longest, len(self.prompts[self.to_stage[0]]) - self.root)
+            if (len(chunk) + 1) * with_next > PREFILL_TOKENS:
+                break
+            chunk.append(self.to_stage.popleft())
+            longest = with_next
+        prefilled, logits = prefill(self.model, [self.prompts[p][self.root :] for p in chunk], self.pad_token_id,
+                                    self.shared, realign=not self.cascade)
+        for row, p in enumerate(chunk):
+            self.staged[p] = (prefilled, row, logits)
+
+    def _admit(self) -> None:
+        """Gives free rows to waiting completions: their prompts' staged prefills copied in (the N samples of a
+        prompt share one), their first tokens sampled."""
+        free = [r for r in range(self.rows) if self.holder[r] is None]
+        taken = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
+        by_source: dict[int, list[tuple[int, int, int]]] = {}  # id(prefill cache) -> (row, completion, its row there)
+        for row, completion in zip(free, taken):
+            if self.prompt_of[completion] not in self.staged:
+                self._stage()
+            prefilled, source_row, _ = self.staged[self.prompt_of[completion]]
+            by_source.setdefault(id(prefilled), []).append((row, completion, source_row))
+        kept = self.kept
+        for members in by_source.values():
+            prefilled, _, logits = self.staged[self.prompt_of[members[0][1]]]
+            targets = [row for row, _, _ in members]
+            target_rows = torch.tensor(targets, device=self.device)
+            source_rows = torch.tensor([source_row for _, _, source_row in members], device=self.device)
+            lengths = torch.tensor([len(self.prompts[self.prompt_of[c]]) for _, c, _ in members], device=self.device)
+            self.cache.fill_rows(target_rows, prefilled, source_rows, prefilled.layers[0].length - kept,
+                                 lengths - kept, skip=kept)
+            for row, completion, _ in members:
+                self.holder[row] = completion
+            self.positions[target_rows] = lengths
+            self.batch = max(self.batch, max(targets) + 1)
+            self.cache.set_batch(self.batch)
+            self._take_tokens(targets, logits[source_rows])
+        for completion in taken:  # a prompt's samples are admitted in order: after its last, its prefill can go
+            prompt = self.prompt_of[completion]
+            self.samples_left[prompt] -= 1
+            if not self.samples_left[prompt]:
+                del self.staged[prompt], self.prompts[prompt], self.samples_left[prompt]
+
+    def _retire(self, live: list[int]) -> list[int]:
+        """Shrinks the batch to its live rows: those past the new end take the free rows below it (row order does
+        not matter)."""
+        self.batch = batch = len(live)
+        holes = [r for r in range(batch) if self.holder[r] is None]
+        movers = [r for r in live if r >= batch]
+        if movers:
+            sources, targets = torch.tensor(movers, device=self.device), torch.tensor(holes, device=self.device)
+            self.cache.move_rows(sources, targets)
+            self.next_tokens[targets], self.positions[targets] = self.next_tokens[sources], self.positions[sources]
+            for hole, mover in zip(holes, movers):
+                self.holder[hole] = self.holder[mover]
+        self.holder[batch:] = [None] * (self.rows - batch)
+        self.cache.set_batch(batch)
+        return list(range(batch))
+
+
+# The batch a call of `sample` leaves running for the next call (its `then`): see `sample`.
+_carried: ContinuousBatch | None = None
+
+
+def release_carried_batch() -> None:
+    """Drops the batch a `sample(..., then=...)` call left running (and its KV cache): call it when a stage ends
+    before the work it started was asked for."""
+    global _carried
+    _carried = None
+
+
 @torch.inference_mode()
 def sample(
     model,
@@ -500,14 +719,14 @@ def sample(
     num_samples: int = 1,
     pad_token_id: int = 0,
     max_batch_size: int = 64,
+    then: tuple[list[list[int]], list[int]] | None = None,
 ) -> list[Completion]:
-    """Samples `num_samples` completions of every prompt, `len(prompts) * num_samples` in all, grouped by prompt.
+    """Samples `num_samples` completions of every prompt, `len(prompts) * num_samples` in all, grouped by prompt,
+    in a continuous batch (`ContinuousBatch`) of up to `max_batch_size` sequences.
 
-    Continuous batching: up to `max_batch_size` sequences decode together; when enough have finished, waiting
-    completions take their rows, so the batch stays full until the queue runs dry. Then finished rows are retired
-    once they are an eighth of the batch (retiring at every finish would copy the whole cache each time).
-    Prompts are prefilled once each (the N samples of a prompt share that prefill), shortest first and a few hundred
-    tokens per pass ahead of need, on top of the prefix all prompts share, which runs once.
+    `then` is the next call's `(prompts, seeds)` (the next shard of a stage, as many seeds per prompt): its completions
+    start in the rows this call's tail frees, and the batch stays running for that call, which takes up where it
+    stands (and gets the same completions it would have got alone). A next call with other work drops it.
 
     Args:
         model: a causal LM (`AutoModelForCausalLM`), on its device.
@@ -517,132 +736,32 @@ def sample(
         num_samples (`int`, defaults to 1): completions per prompt.
         pad_token_id (`int`, defaults to 0): the id used for left padding (masked out).
         max_batch_size (`int`, defaults to 64): sequences decoded together.
+        then (`tuple`, *optional*): the next call's prompts and seeds.
     """
-    total = len(seeds)
-    if total != len(prompts) * num_samples:
-        raise ValueError(f"sample() needs one seed per completion: got {total} for {len(prompts)} x {num_samples}")
+    global _carried
+    then = then if then and then[1] else None
+    if len(seeds) != len(prompts) * num_samples:
+        raise ValueError(f"sample() needs one seed per completion: got {len(seeds)} for {len(prompts)} x {num_samples}")
+    then_samples = len(then[1]) // max(1, len(then[0])) if then else 0
+    if then and len(then[1]) != len(then[0]) * then_samples:
+        raise ValueError(f"sample(then=...) needs the same number of seeds for every prompt: got {len(then[1])} "
+                         f"for {len(then[0])} prompts")
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
-    generated: list[list[int]] = [[] for _ in range(total)]
-    finish = ["length"] * total
-    if total == 0 or params.max_new_tokens < 1:
-        return [Completion(ids, reason) for ids, reason in zip(generated, finish)]
+    if not seeds or params.max_new_tokens < 1:
+        return [Completion([], "length") for _ in seeds]
 
-    device = model.device
-    # The tokens every prompt starts with run once, not once per refill (half of a short chat prompt).
-    shared = shared_prefix(model, prompts)
-    root = shared.length if shared else 0
-    with cascade_decoding(model, shared) as cascade:
-        rows = min(max_batch_size, total)
-        # With cascade attention the slot cache holds each prompt's own tokens only; the prefix is read once per step.
-        kept = root if cascade else 0  # prompt columns the slot cache does not hold
-        cache = SlotCache(model, rows, max(map(len, prompts)) - kept, params.max_new_tokens)
-        cache_kwarg = cache_argument(model, cache)
-        seed_tensor = torch.tensor(seeds, dtype=torch.int64, device=device)
-        stop_ids = torch.tensor(sorted(params.stop_token_ids), dtype=torch.long, device=device)
-        # Prompts are admitted shortest first, so each staged prefill pads little (a completion's text does not
-        # depend on when it is admitted).
-        order = sorted(range(len(prompts)), key=lambda p: len(prompts[p]))
-        waiting = [p * num_samples + j for p in reversed(order) for j in reversed(range(num_samples))]  # next one last
-        staged: dict[int, tuple[DynamicCache, int, torch.Tensor]] = {}  # prompt -> (prefill cache, its row, logits)
-        next_to_stage = 0  # position in `order`
-        holder: list[int | None] = [None] * rows  # the completion each batch row holds; None = free
-        next_tokens = torch.zeros(rows, dtype=torch.long, device=device)
-        positions = torch.zeros(rows, dtype=torch.long, device=device)
-        batch = 0  # rows [0, batch) go through the model
-
-        def take_tokens(batch_rows: list[int], logits: torch.Tensor) -> None:
-            """Samples the next token of each of `batch_rows` and files it; finished rows are freed."""
-            held = [holder[r] for r in batch_rows]
-            steps = torch.tensor([len(generated[c]) for c in held], device=device)
-            tokens = sample_next_tokens(logits, seed_tensor[held], steps, params, overwrite=True)
-            next_tokens[batch_rows] = tokens
-            for row, completion, token, stopped in zip(batch_rows, held, tokens.tolist(),
-                                                       torch.isin(tokens, stop_ids).tolist()):
-                if stopped:
-                    finish[completion], holder[row] = "stop", None
-                else:
-                    generated[completion].append(token)
-                    if len(generated[completion]) == params.max_new_tokens:
-                        holder[row] = None
-
-        def stage() -> None:
-            """Prefills the next prompts in admission order together, `PREFILL_TOKENS` padded tokens' worth: refills
-            free a few rows at a time, and a prefill of one or two prompts would waste the pass over the weights."""
-            nonlocal next_to_stage
-            chunk = [order[next_to_stage]]
-            while next_to_stage + len(chunk) < len(order):
-                longest = len(prompts[order[next_to_stage + len(chunk)]]) - root  # sorted: the newcomer is the longest
-                if (len(chunk) + 1) * longest > PREFILL_TOKENS:
-                    break
-                chunk.append(order[next_to_stage + len(chunk)])
-            next_to_stage += len(chunk)
-            prefilled, logits = prefill(model, [prompts[p][root:] for p in chunk], pad_token_id, shared,
-                                        realign=not cascade)
-            for row, p in enumerate(chunk):
-                staged[p] = (prefilled, row, logits)
-
-        def admit() -> None:
-            """Gives free rows to waiting completions: their prompts' staged prefills copied in (the N samples of a
-            prompt share one), their first tokens sampled."""
-            nonlocal batch
-            free = [r for r in range(rows) if holder[r] is None]
-            taken = [waiting.pop() for _ in range(min(len(free), len(waiting)))]
-            by_source: dict[int, list[tuple[int, int, int]]] = {}  # id(prefill cache) -> (row, completion, its row there)
-            for row, completion in zip(free, taken):
-                if completion // num_samples not in staged:
-                    stage()
-                prefilled, source_row, _ = staged[completion // num_samples]
-                by_source.setdefault(id(prefilled), []).append((row, completion, source_row))
-            for members in by_source.values():
-                prefilled, _, logits = staged[members[0][1] // num_samples]
-                targets = [row for row, _, _ in members]
-                target_rows = torch.tensor(targets, device=device)
-                source_rows = torch.tensor([source_row for _, _, source_row in members], device=device)
-                lengths = torch.tensor([len(prompts[c // num_samples]) for _, c, _ in members], device=device)
-                cache.fill_rows(target_rows, prefilled, source_rows, prefilled.layers[0].length - kept, lengths - kept,
-                                skip=kept)
-                for row, completion, _ in members:
-                    holder[row] = completion
-                positions[target_rows] = lengths
-                batch = max(batch, max(targets) + 1)
-                cache.set_batch(batch)
-                take_tokens(targets, logits[source_rows])
-            for completion in taken:  # a prompt's samples are admitted in order: after its last, its prefill can go
-                if completion % num_samples == num_samples - 1:
-                    del staged[completion // num_samples]
-
-        while True:
-            live = [r for r in range(batch) if holder[r] is not None]
-            free_rows = rows - len(live)
-            # Refill once a sixteenth of the batch is free (or everything): one prefill per refill, not per finish.
-            if waiting and (not live or free_rows >= min(len(waiting), max(1, rows // 16))):
-                admit()
-                continue
-            if not live:
-                break
-            if not waiting and batch - len(live) >= max(1, batch // 8):
-                # Retire: the live rows past the new end take the free rows below it (row order does not matter).
-                batch = len(live)
-                holes = [r for r in range(batch) if holder[r] is None]
-                movers = [r for r in live if r >= batch]
-                if movers:
-                    sources, targets = torch.tensor(movers, device=device), torch.tensor(holes, device=device)
-                    cache.move_rows(sources, targets)
-                    next_tokens[targets], positions[targets] = next_tokens[sources], positions[sources]
-                    for hole, mover in zip(holes, movers):
-                        holder[hole] = holder[mover]
-                holder[batch:] = [None] * (rows - batch)
-                cache.set_batch(batch)
-                live = list(range(batch))
-            cache.reserve_column(live)
-            prefix_token = _decode_prefix.set(shared if cascade else None)
-            try:
-                out = model(input_ids=next_tokens[:batch, None], attention_mask=cache.decode_mask(),
-                            position_ids=positions[:batch, None], use_cache=True, **cache_kwarg)
-            finally:
-                _decode_prefix.reset(prefix_token)
-            positions[:batch] += 1
-            # All rows live (the steady state): a view, not a copy of the batch's logits.
-            take_tokens(live, out.logits[:, -1] if len(live) == batch else out.logits[live, -1, :])
-        return [Completion(ids, reason) for ids, reason in zip(generated, finish)]
+    running, _carried = _carried, None
+    if running is None or running.model is not model or running.params != params or \
+            running.pad_token_id != pad_token_id or running.rows > max_batch_size or \
+            not running.jobs[0].is_for(prompts, seeds, num_samples):
+        coming = len(then[1]) if then else 0
+        running = ContinuousBatch(model, params, prompts + (then[0] if then else []),
+                                  min(max_batch_size, len(seeds) + coming), pad_token_id)
+        running.submit(prompts, seeds, num_samples)
+    if then and len(running.jobs) == 1 and running.accepts(then[0]):
+        running.submit(*then, then_samples)
+    completions = running.run()
+    if running.jobs:
+        _carried = running
+    return completions

@@ -49,15 +49,21 @@ class InstructionSettings:
 
 
 def generate_instructions(batch: dict, rank: int | None, *, generator: ModelSpec, settings: InstructionSettings,
-                          max_batch_size: int = 64):
+                          max_batch_size: int = 64, next_batch: dict | None = None):
     """Samples one instruction per row from the pre-query template.
 
     Input columns: `uuid`. Output columns: `instruction`, `instruction_finish_reason` ("stop" or "length"),
-    `instruction_tokens`, `gen_input_configs`.
+    `instruction_tokens`, `gen_input_configs`. `next_batch` (this worker's next shard, when there is one) starts in
+    the rows this shard's tail frees; it changes no output.
     """
-    seeds = [row_seed(settings.seed, "instruction", u, 0) for u in batch["uuid"]]
-    completions, tokenizer = sample_completions(generator, rank, [list(settings.pre_query_ids)] * len(seeds), seeds,
-                                                settings.sampling, same_prompt=True, max_batch_size=max_batch_size)
+    def work(rows: dict):
+        seeds = [row_seed(settings.seed, "instruction", u, 0) for u in rows["uuid"]]
+        return [list(settings.pre_query_ids)] * len(seeds), seeds
+
+    prompts, seeds = work(batch)
+    completions, tokenizer = sample_completions(generator, rank, prompts, seeds, settings.sampling, same_prompt=True,
+                                                max_batch_size=max_batch_size,
+                                                then=work(next_batch) if next_batch else None)
     config = {
         "input_generator": public_model_name(generator.name_or_path),
         "generator_revision": settings.generator_revision,
@@ -147,16 +153,23 @@ class ResponseSettings:
 
 
 def generate_responses(batch: dict, rank: int | None, *, generator: ModelSpec, settings: ResponseSettings,
-                       max_batch_size: int = 64):
+                       max_batch_size: int = 64, next_batch: dict | None = None):
     """Samples N responses per instruction, all N from one shared prefill of the chat prompt.
 
     Input columns: `uuid`, `prompt_token_ids`. Output columns: `responses` (N strings), `response_finish_reasons`
-    (N of "stop"/"length"), `response_tokens` (N ints), `gen_response_configs`.
+    (N of "stop"/"length"), `response_tokens` (N ints), `gen_response_configs`. `next_batch` (this worker's next
+    shard, when there is one) starts in the rows this shard's tail frees; it changes no output.
     """
     n = settings.num_responses
-    seeds = [row_seed(settings.seed, "response", u, j) for u in batch["uuid"] for j in range(n)]
-    completions, tokenizer = sample_completions(generator, rank, batch["prompt_token_ids"], seeds,
-                                                settings.sampling, num_samples=n, max_batch_size=max_batch_size)
+
+    def work(rows: dict):
+        return rows["prompt_token_ids"], [row_seed(settings.seed, "response", u, j) for u in rows["uuid"]
+                                          for j in range(n)]
+
+    prompts, seeds = work(batch)
+    completions, tokenizer = sample_completions(generator, rank, prompts, seeds, settings.sampling, num_samples=n,
+                                                max_batch_size=max_batch_size,
+                                                then=work(next_batch) if next_batch else None)
     config = {
         "output_generator": public_model_name(generator.name_or_path),
         "generator_revision": settings.generator_revision,

@@ -339,3 +339,43 @@ def test_hybrid_and_indexed_layers_are_refused_though_they_subclass_dynamic_laye
     HybridModel.config.layer_types = ["full_attention", "hybrid", "indexed_attention"]
     with pytest.raises(ValueError, match="HybridModel has DynamicIndexedLayer, LinearAttentionAndFullAttentionLayer"):
         _attention_layers_sliding(HybridModel())
+
+
+def test_the_next_calls_work_starts_in_this_calls_tail_and_is_taken_up(tiny_model, monkeypatch):
+    # `then`: the next shard's completions fill the rows this shard's tail frees; the next call takes them up where
+    # they stand, and gets what it would have got alone. Other work in the next call drops the carried batch.
+    from builder import generation
+
+    model, tokenizer = load(tiny_model)
+    params = SamplingParams(1.0, 1.0, 40, (tokenizer.convert_tokens_to_ids("<|eot_id|>"),))
+    first = [tokenizer(t).input_ids for t in ("Hi", "Write a poem about the ocean", "Explain")]
+    second = [tokenizer(t).input_ids for t in ("Tell me a long story about dragons", "Why?")]
+    seeds_first, seeds_second = list(range(12)), list(range(50, 58))
+    kw = dict(num_samples=4, pad_token_id=tokenizer.pad_token_id, max_batch_size=5)
+    alone = [sample(model, first, seeds_first, params, **kw), sample(model, second, seeds_second, params, **kw)]
+    assert generation._carried is None
+
+    started = []
+    submit = generation.ContinuousBatch.submit
+
+    def counting_submit(batch, prompts, seeds, num_samples):
+        started.append((id(batch), len(seeds)))
+        return submit(batch, prompts, seeds, num_samples)
+
+    monkeypatch.setattr(generation.ContinuousBatch, "submit", counting_submit)
+    got_first = sample(model, first, seeds_first, params, then=(second, seeds_second), **kw)
+    carried = generation._carried
+    assert carried is not None and carried.jobs[0].seeds == seeds_second
+    assert any(carried.generated[c] for c in carried.jobs[0].completions), "the second job's samples had started"
+    got_second = sample(model, second, seeds_second, params, **kw)
+    assert generation._carried is None
+    assert [(b, n) for b, n in started] == [(id(carried), 12), (id(carried), 8)]  # one batch for both calls
+    assert [c.token_ids for c in got_first] == [c.token_ids for c in alone[0]]
+    assert [c.token_ids for c in got_second] == [c.token_ids for c in alone[1]]
+    assert [c.finish_reason for c in got_second] == [c.finish_reason for c in alone[1]]
+
+    # The next call asks for something else: the carried work is dropped and the call computes its own.
+    sample(model, first, seeds_first, params, then=(second, seeds_second), **kw)
+    other = sample(model, first, seeds_first, params, **kw)
+    assert generation._carried is None
+    assert [c.token_ids for c in other] == [c.token_ids for c in alone[0]]

@@ -40,6 +40,31 @@ def test_batch_and_shard_sizes_do_not_change_the_rows():
                      build(small_config(shard_size=24, generation_batch_size=32)).dataset)
 
 
+def test_look_ahead_carries_each_shard_into_the_next_and_keeps_every_row(monkeypatch):
+    # With look_ahead, a shard's samples start in the rows the previous shard's tail frees: fewer continuous
+    # batches than shards, and the same rows (at this scale not a token differs; see the config's help).
+    from builder import generation
+
+    batches = []
+    init = generation.ContinuousBatch.__init__
+
+    def counting_init(batch, *args, **kwargs):
+        batches.append(batch)
+        init(batch, *args, **kwargs)
+
+    monkeypatch.setattr(generation.ContinuousBatch, "__init__", counting_init)
+    alone = build(small_config(shard_size=4, generation_batch_size=6))
+    separate = len(batches)
+    batches.clear()
+    ahead = build(small_config(shard_size=4, generation_batch_size=6, look_ahead=True))
+    assert separate >= 6 + 5  # 6 instruction shards, and the responses' shards
+    assert len(batches) < separate / 2
+    assert same_rows(ahead.dataset, alone.dataset)
+    uuids = [u for split in ahead.dataset.values() for u in split["uuid"]]
+    assert len(uuids) == len(set(uuids)) == ahead.ledger.get("binarize").rows_out
+    assert generation._carried is None
+
+
 def test_two_processes_under_accelerate_merge_to_the_one_process_dataset(tmp_path):
     args = ["--config", DEMO, "--num_instructions", "40", "--test_size", "0.1", "--resume", "false",
             "--cache_dir", str(tmp_path / "cache")]
@@ -95,3 +120,30 @@ def test_a_changed_config_never_reuses_stale_work(tmp_path):
     assert {k.split("-")[0] for k in new_keys} == {"responses", "rewards"}  # instructions were reused
     assert rows(changed.dataset) != rows(first.dataset)
     assert rows(build(small_config(resume=True, cache_dir=str(tmp_path))).dataset) == rows(first.dataset)
+
+
+def _record_batches(batch, indices, rank, *, next_batch):
+    upcoming = next_batch.after(indices, rank)
+    return {"seen": [[rank if rank is not None else -1, indices[0], len(indices),
+                      upcoming["i"][0] if upcoming else -1, len(upcoming["i"]) if upcoming else 0]] * len(indices)}
+
+
+@pytest.mark.parametrize("num_proc", [None, 2])
+def test_next_batch_is_the_batch_map_hands_the_same_worker_next(num_proc):
+    from datasets import Dataset
+
+    from builder.cache import NextBatch
+
+    rows = Dataset.from_dict({"i": list(range(23))})
+    mapped = rows.map(_record_batches, batched=True, batch_size=5, with_indices=True, with_rank=True,
+                      num_proc=num_proc, fn_kwargs={"next_batch": NextBatch(rows, 5, num_proc)})
+    calls = sorted({tuple(s) for s in mapped["seen"]}, key=lambda c: c[1])
+    by_worker = {}
+    for rank, first, size, next_first, next_size in calls:
+        by_worker.setdefault(rank, []).append((first, size, next_first, next_size))
+    assert len(by_worker) == (num_proc or 1)
+    for batches in by_worker.values():
+        for (first, size, next_first, next_size), following in zip(batches, batches[1:] + [None]):
+            # Each batch's look-ahead is exactly the next batch this worker got, and the last one has none.
+            assert (next_first, next_size) == ((following[0], following[1]) if following else (-1, 0))
+    assert sorted(i for _, first, size, _, _ in calls for i in range(first, first + size)) == list(range(23))
