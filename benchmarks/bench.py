@@ -18,8 +18,10 @@ and one after the build. `MAGPIE_CPU_GEMM=torch` runs ours on torch's default ke
 kernel choice is worth. With `--procs N` the build runs N worker processes of one thread each (`num_proc`), the
 naive baseline N torch threads, and the matmul throughput is measured with N threads (peak RSS is then the
 parent's only). Scaling runs each K in its own process (so peak RSS is that run's own), and prints its response
-stage's utilisation too (the steady state at large K), and the peak of anonymous memory beside peak RSS (which also
-counts the pages of memory-mapped Arrow files and libraries).
+stage's utilisation too (the steady state at large K), the peak of anonymous memory beside peak RSS (which also
+counts the pages of memory-mapped Arrow files and libraries), and the generation stages' decode steps with the
+share of them run with the batch under half full (each shard's tail: what `--look-ahead` removes, and what a GPU,
+where a step costs about the same at any batch size, would pay for in full).
 """
 
 import argparse
@@ -345,6 +347,32 @@ def print_comparison(c: dict) -> None:
 # ------------------------------------------------------------------------------------------------ scaling
 
 
+class DecodeSteps:
+    """Counts the decode steps of the generation stages (in this process), and those whose batch is under half its
+    rows: the tail of each shard, where the batch empties. On CPU a step costs about its rows' worth of work, so
+    the tail costs little; on a GPU, where a step costs about the same at any batch size, the share of such steps
+    is about the share of decode time that `look_ahead` can win back (all shards' tails but the last)."""
+
+    def __enter__(self):
+        from builder import generation
+
+        self.steps, self.half_empty = 0, 0
+        self._original = original = generation.SlotCache.decode_mask
+
+        def counting(cache):
+            self.steps += 1
+            self.half_empty += cache.layers[0].batch < cache.rows / 2
+            return original(cache)
+
+        generation.SlotCache.decode_mask = counting
+        return self
+
+    def __exit__(self, *exc):
+        from builder import generation
+
+        generation.SlotCache.decode_mask = self._original
+
+
 def scaling_run(size: str, num_instructions: int) -> dict:
     from builder.build import build, model_specs
     from builder.models import load_generator
@@ -353,7 +381,7 @@ def scaling_run(size: str, num_instructions: int) -> dict:
     model, _ = load_generator(model_specs(config)[0])
     gflops_before = matmul_gflops()
     start = time.perf_counter()
-    with AnonymousPeak() as anonymous:
+    with AnonymousPeak() as anonymous, DecodeSteps() as steps:
         result = build(config)
     seconds = time.perf_counter() - start
     responses = result.ledger.get("responses")
@@ -365,7 +393,7 @@ def scaling_run(size: str, num_instructions: int) -> dict:
     return {"size": size, "k": num_instructions, "seconds": seconds, "stage_seconds": stage_seconds,
             "per_instruction": stage_seconds / num_instructions, "peak_rss_mb": peak_rss_mb(),
             "peak_anonymous_mb": anonymous.peak,
-            "response_utilisation": utilisation}
+            "response_utilisation": utilisation, "decode_steps": steps.steps, "half_empty_steps": steps.half_empty}
 
 
 def scaling(size: str, ks: list[int]) -> list[dict]:
@@ -382,11 +410,12 @@ def print_scaling(size: str, runs: list[dict]) -> None:
     base = runs[0]["per_instruction"]
     print(f"\n== scaling, {size} model" + (", look_ahead" if LOOK_AHEAD else ""))
     print(f"{'K':>6}{'wall s':>9}{'stages s':>10}{'s/instruction':>15}{'vs K=' + str(runs[0]['k']):>10}"
-          f"{'peak RSS MB':>13}{'anonymous MB':>14}{'responses util':>16}")
+          f"{'peak RSS MB':>13}{'anonymous MB':>14}{'responses util':>16}{'decode steps':>14}{'half-empty':>12}")
     for run in runs:
         print(f"{run['k']:>6}{run['seconds']:>9.1f}{run['stage_seconds']:>10.1f}{run['per_instruction']:>15.4f}"
               f"{run['per_instruction'] / base - 1:>+10.1%}{run['peak_rss_mb']:>13.0f}{run['peak_anonymous_mb']:>14.0f}"
-              f"{run['response_utilisation']:>16.0%}")
+              f"{run['response_utilisation']:>16.0%}{run['decode_steps']:>14}"
+              f"{run['half_empty_steps'] / max(1, run['decode_steps']):>12.0%}")
 
 
 def main():
