@@ -379,3 +379,18 @@ def test_the_next_calls_work_starts_in_this_calls_tail_and_is_taken_up(tiny_mode
     other = sample(model, first, seeds_first, params, **kw)
     assert generation._carried is None
     assert [c.token_ids for c in other] == [c.token_ids for c in alone[0]]
+
+
+def test_a_next_call_with_uneven_seeds_is_refused_and_nothing_is_carried(tiny_model):
+    from builder import generation
+
+    model, tokenizer = load(tiny_model)
+    params = SamplingParams(1.0, 1.0, 8, ())
+    prompts = [tokenizer("Hi").input_ids, tokenizer("Why?").input_ids]
+    with pytest.raises(ValueError, match=r"sample\(then=...\) needs the same number of seeds for every prompt: "
+                                         r"got 3 for 2 prompts"):
+        sample(model, prompts, [1, 2], params, then=(prompts, [5, 6, 7]))
+    assert generation._carried is None
+    # An empty next call is no next call: nothing stays running.
+    assert len(sample(model, prompts, [1, 2], params, then=([], []))) == 2
+    assert generation._carried is None
