@@ -26,6 +26,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingW
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import cpu_attention
+
 PREFILL_TOKENS = 512  # padded prompt tokens per prefill pass (with fewer rows the matmuls run far below peak)
 
 # splitmix64 constants, as signed int64 (torch has no uint64 arithmetic; int64 multiplication wraps).
@@ -321,6 +323,11 @@ def cascade_attention(module, query, key, value, attention_mask, dropout: float 
     groups = heads // kv_heads
     # Grouped-query heads of one key/value head become rows of one small matmul (no repeated keys).
     query = query.reshape(batch, kv_heads, groups, dim)
+    if cpu_attention.usable(query, key, value, attention_mask):
+        # fp32 on CPU: one pass in C over the prefix and each row's live columns (see cpu_attention.py).
+        out = cpu_attention.decode_attention(query, key, value, attention_mask, prefix_keys[0], prefix_values[0],
+                                             scaling)
+        return out.reshape(batch, 1, heads, dim), None
     own = torch.matmul(query, key.transpose(-1, -2)).float() * scaling  # [batch, kv_heads, groups, columns]
     if attention_mask is not None:
         own = own.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool \
@@ -514,8 +521,8 @@ class ContinuousBatch:
     """Up to `rows` sequences decoding together, fed from a queue of jobs (one per call of `sample`).
 
     When enough rows have finished, waiting completions take them, so the batch stays full until the queue runs
-    dry; then finished rows are retired once they are an eighth of the batch (retiring at every finish would copy
-    the whole cache each time). Prompts are prefilled once each (the N samples of a prompt share that prefill),
+    dry; then finished rows are retired once they are a thirty-second of the batch (retiring at every finish would
+    copy the live rows past the new end each time; an eighth left 7% of the tail's row-steps dead, measured). Prompts are prefilled once each (the N samples of a prompt share that prefill),
     shortest first within a job and a few hundred tokens per pass ahead of need, on top of the prefix all prompts
     share, which runs once. A completion's text does not depend on when it is admitted or what it shares a batch
     with: its random numbers are a function of its seed and step only.
@@ -595,13 +602,14 @@ class ContinuousBatch:
         """One refill, or one decode step (after retiring finished rows when the queue is dry)."""
         live = [r for r in range(self.batch) if self.holder[r] is not None]
         free_rows = self.rows - len(live)
-        # Refill once a sixteenth of the batch is free (or everything): one prefill per refill, not per finish.
-        if self.waiting and (not live or free_rows >= min(len(self.waiting), max(1, self.rows // 16))):
+        # Refill once a sixty-fourth of the batch is free (or everything): a refill copies staged prefills in (they
+        # run a few hundred tokens ahead), so it is cheap; at a sixteenth, 2.4% of the row-steps were dead rows.
+        if self.waiting and (not live or free_rows >= min(len(self.waiting), max(1, self.rows // 64))):
             self._admit()
             return
         if not live:
             raise RuntimeError("ContinuousBatch: unfinished completions but no live row and nothing waiting")
-        if not self.waiting and self.batch - len(live) >= max(1, self.batch // 8):
+        if not self.waiting and self.batch - len(live) >= max(1, self.batch // 32):
             live = self._retire(live)
         self.cache.reserve_column(live)
         batch = self.batch
