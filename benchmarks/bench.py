@@ -15,13 +15,14 @@ It prints tokens/s, seconds per instruction, peak RSS, the length distributions,
 overall, and compute utilisation: model FLOPs per generated token x tokens / time, divided by the fp32 matmul
 throughput measured in the same run: the best of torch.mm (MKL) and oneDNN, each the best of a measurement before
 and one after the build. `MAGPIE_CPU_GEMM=torch` runs ours on torch's default kernels too, which shows what the
-kernel choice is worth. With `--procs N` the build runs N worker processes of one thread each (`num_proc`), the
-naive baseline N torch threads, and the matmul throughput is measured with N threads (peak RSS is then the
-parent's only). Scaling runs each K in its own process (so peak RSS is that run's own), and prints its response
-stage's utilisation too (the steady state at large K), the peak of anonymous memory beside peak RSS (which also
-counts the pages of memory-mapped Arrow files and libraries), and the generation stages' decode steps with the
-share of them run with the batch under half full (each shard's tail: what `--look-ahead` removes, and what a GPU,
-where a step costs about the same at any batch size, would pay for in full).
+kernel choice is worth; `MAGPIE_CPU_ATTENTION=torch` keeps decode attention in torch rather than the C kernel
+(`builder/cpu_attention.py`; the header line says which ran). With `--procs N` the build runs N worker processes of
+one thread each (`num_proc`), the naive baseline N torch threads, and the matmul throughput is measured with N
+threads (peak RSS is then the parent's only). Scaling runs each K in its own process (so peak RSS is that run's
+own), and prints its response stage's utilisation too (the steady state at large K), the peak of anonymous memory
+beside peak RSS (which also counts the pages of memory-mapped Arrow files and libraries), and the generation stages'
+decode steps with the share of them run with the batch under half full (each shard's tail: what `--look-ahead`
+removes, and what a GPU, where a step costs about the same at any batch size, would pay for in full).
 """
 
 import argparse
@@ -102,6 +103,15 @@ def matmul_gflops(size: int = 1024, repeats: int = 10, threads: int = 1) -> dict
             best[name] = max(best[name], 2 * size**3 / (time.perf_counter() - start) / 1e9)
     torch.set_num_threads(previous)
     return best
+
+
+def attention_backend() -> str:
+    """Which decode attention ours runs on CPU: the C kernel, or torch's matmuls (and why)."""
+    from builder import cpu_attention
+
+    if cpu_attention.requested_backend() == "torch":
+        return "attention in torch (MAGPIE_CPU_ATTENTION=torch)"
+    return "attention C kernel" if cpu_attention.library() is not None else "attention in torch (no kernel built)"
 
 
 def best_of(*measurements: dict[str, float]) -> dict[str, float]:
@@ -321,7 +331,8 @@ def print_comparison(c: dict) -> None:
     machine = "1 thread" if c["procs"] == 1 else (f"ours {c['procs']} processes x 1 thread (num_proc), naive "
                                                     f"{c['procs']} threads")
     print(f"\n== {c['size']} model ({c['params_millions']:.1f}M parameters), {c['instructions']} instructions x 5 "
-          f"responses, caps 64/128 tokens, fp32, {machine}" + (", look_ahead" if LOOK_AHEAD else ""))
+          f"responses, caps 64/128 tokens, fp32, {machine}, {attention_backend()}"
+          + (", look_ahead" if LOOK_AHEAD else ""))
     print(f"{'stage':<14}{'ours s':>9}{'naive s':>9}{'ratio':>8}{'ours tok/s':>12}{'naive tok/s':>12}")
     for stage in ("instructions", "responses", "rewards"):
         ours, naive = c["ours_seconds"][stage], c["naive_seconds"][stage]
@@ -408,7 +419,7 @@ def scaling(size: str, ks: list[int]) -> list[dict]:
 
 def print_scaling(size: str, runs: list[dict]) -> None:
     base = runs[0]["per_instruction"]
-    print(f"\n== scaling, {size} model" + (", look_ahead" if LOOK_AHEAD else ""))
+    print(f"\n== scaling, {size} model, {attention_backend()}" + (", look_ahead" if LOOK_AHEAD else ""))
     print(f"{'K':>6}{'wall s':>9}{'stages s':>10}{'s/instruction':>15}{'vs K=' + str(runs[0]['k']):>10}"
           f"{'peak RSS MB':>13}{'anonymous MB':>14}{'responses util':>16}{'decode steps':>14}{'half-empty':>12}")
     for run in runs:

@@ -5,9 +5,9 @@ matmul per row and key/value head (4 x 64 by 64 x columns, for the benchmark's s
 at 256 rows, each paying a call's overhead and computing far below peak, so attention took a quarter of the response
 stage on this CPU (4.9 of 19.7 s at K=256, measured), at a third of the memory bandwidth that reading the keys and
 values needs. It also read every column of the batch's window, masked or not: a third of them were masked (rows
-start at different columns). This kernel makes one pass per row and head over the shared prefix's columns (in cache: every row reads
-the same) and the row's live columns (scores, softmax, weighted values), fetching the next head's keys and values
-while it computes.
+start at different columns). This kernel makes one pass per row and head over the shared prefix's columns (in cache:
+every row reads the same) and the row's live columns (scores, softmax, weighted values), fetching the next head's
+keys and values while it computes.
 
 It is compiled on first use, with the machine's C compiler (`$CC`, else `cc`) and `-march=native`, into
 `$MAGPIE_KERNEL_CACHE` (default `~/.cache/magpie_builder`), named by a hash of the source, the flags, the compiler

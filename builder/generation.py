@@ -520,12 +520,13 @@ class Job:
 class ContinuousBatch:
     """Up to `rows` sequences decoding together, fed from a queue of jobs (one per call of `sample`).
 
-    When enough rows have finished, waiting completions take them, so the batch stays full until the queue runs
-    dry; then finished rows are retired once they are a thirty-second of the batch (retiring at every finish would
-    copy the live rows past the new end each time; an eighth left 7% of the tail's row-steps dead, measured). Prompts are prefilled once each (the N samples of a prompt share that prefill),
-    shortest first within a job and a few hundred tokens per pass ahead of need, on top of the prefix all prompts
-    share, which runs once. A completion's text does not depend on when it is admitted or what it shares a batch
-    with: its random numbers are a function of its seed and step only.
+    When enough rows have finished, waiting completions take them, so the batch stays full until the queue runs dry;
+    then finished rows are retired once they are a thirty-second of the batch (retiring at every finish would copy
+    the live rows past the new end each time; an eighth left 7% of the tail's row-steps dead, measured). Prompts are
+    prefilled once each (the N samples of a prompt share that prefill), shortest first within a job and a few
+    hundred tokens per pass ahead of need, on top of the prefix all prompts share, which runs once. A completion's
+    text does not depend on when it is admitted or what it shares a batch with: its random numbers are a function of
+    its seed and step only.
 
     Jobs are admitted in order, so a second job's completions start as soon as the first's are all admitted: its
     rows fill the first job's tail (the steps in which the batch empties, every row waiting on its longest
