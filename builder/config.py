@@ -74,8 +74,8 @@ class BuildConfig:
     look_ahead: bool = _help("Start each shard's samples in the rows the previous shard's tail frees (transformers "
                              "engine), instead of letting the batch empty at every shard's end: 21-42%% fewer decode "
                              "steps in the benchmark, which pays where a step costs about the same at any batch size "
-                             "(GPUs; on CPU it did not). The samples have the same distribution, but a row's last "
-                             "bits then depend on the shard before it, so a resumed build can differ from an "
+                             "(GPUs; on CPU it is within noise). The samples have the same distribution, but a row's "
+                             "last bits then depend on the shard before it, so a resumed build can differ from an "
                              "uninterrupted one in a rare token.", default=False)
     reward_batch_size: int = _help("Sequences per reward-model forward pass.", default=16)
     num_proc: int = _help("Worker processes for the model stages, one model each (one per GPU).", default=1)

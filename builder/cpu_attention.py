@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -64,17 +65,17 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(set(keep))) + platform.machine()
 
 
-def _compile(compiler: str, target: Path) -> None:
+def _compile(compiler: list[str], target: Path, flags: tuple[str, ...] = FLAGS) -> None:
     """Builds the shared library into `target` through a temporary file in the same folder, renamed into place, so
     that worker processes building it at once never load a half-written file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"], capture_output=True,
+        done = subprocess.run([*compiler, *flags, "-o", str(partial), str(SOURCE), "-lm"], capture_output=True,
                               text=True, timeout=120)
         if done.returncode:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+            raise RuntimeError(f"{' '.join(compiler)} failed: {done.stderr.strip()[-500:]}")
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
@@ -83,26 +84,33 @@ def _compile(compiler: str, target: Path) -> None:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, built on first use; None (after one warning) where it cannot be had."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
+    command = shlex.split(os.environ.get("CC") or "cc")  # CC may carry flags, as in make
+    compiler = shutil.which(command[0]) if command else None
     if compiler is None:
         logger.warning("CPU attention: no C compiler (%s) found; decode attention runs in torch (slower). Install "
                        "gcc or set CC, or set MAGPIE_CPU_ATTENTION=torch to silence this.", os.environ.get("CC", "cc"))
         return None
+    command[0] = compiler
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_identity()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"cpu_attention-{key}.so"
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *command, *FLAGS, version, _cpu_identity()]).encode())
+    target = cache_dir() / f"cpu_attention-{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():
-            _compile(compiler, target)
+            _compile(command, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         logger.warning("CPU attention: could not build the C kernel (%s); decode attention runs in torch (slower). "
                        "Set MAGPIE_CPU_ATTENTION=torch to silence this.", error)
         return None
+    logger.info("CPU attention: decode steps run the C kernel %s", target)
+    return bind(lib)
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declares the kernel's signature on a loaded library."""
     pointer, integer = ctypes.c_void_p, ctypes.c_int64
     lib.decode_attention.argtypes = [pointer] * 6 + [integer] * 18 + [ctypes.c_float, pointer]
     lib.decode_attention.restype = ctypes.c_int
-    logger.info("CPU attention: decode steps run the C kernel %s", target)
     return lib
 
 

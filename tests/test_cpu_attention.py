@@ -1,4 +1,7 @@
+import ctypes
 import logging
+import platform
+import shutil
 
 import pytest
 import torch
@@ -48,6 +51,19 @@ def test_the_kernel_computes_the_attention_torch_computes(groups, dim, prefix, c
         got = cpu_attention.decode_attention(query, key, value, row_mask, prefix_keys, prefix_values, dim**-0.5)
         expected = reference(query, key, value, row_mask, prefix_keys, prefix_values, dim**-0.5)
         torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("cc") is None,
+                    reason="needs an x86-64 C compiler")
+def test_the_plain_c_path_for_processors_without_avx512_computes_the_same(monkeypatch, tmp_path):
+    # This machine has AVX-512, so the kernel it builds takes the intrinsics; built for x86-64-v3 (AVX2), the same
+    # source takes the plain C loops every other processor runs.
+    target = tmp_path / "plain.so"
+    flags = tuple("-march=x86-64-v3" if flag == "-march=native" else flag for flag in cpu_attention.FLAGS)
+    cpu_attention._compile(["cc"], target, flags)
+    monkeypatch.setattr(cpu_attention, "library", lambda: cpu_attention.bind(ctypes.CDLL(str(target))))
+    for groups, dim, prefix, columns in SHAPES[:3]:
+        test_the_kernel_computes_the_attention_torch_computes(groups, dim, prefix, columns)
 
 
 @needs_kernel
