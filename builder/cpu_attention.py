@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from .cpu_gemm import cpu_choice
+
 logger = logging.getLogger("magpie_builder")
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
@@ -42,11 +44,7 @@ BACKENDS = ("kernel", "torch")
 
 
 def requested_backend() -> str:
-    backend = os.environ.get("MAGPIE_CPU_ATTENTION", "kernel")
-    if backend not in BACKENDS:
-        raise ValueError(f"MAGPIE_CPU_ATTENTION={backend!r} is not one of {', '.join(BACKENDS)}: unset it for the C "
-                         "kernel, or set MAGPIE_CPU_ATTENTION=torch to keep torch's matmuls.")
-    return backend
+    return cpu_choice("MAGPIE_CPU_ATTENTION", BACKENDS, "the C kernel", "torch's matmuls")
 
 
 def cache_dir() -> Path:

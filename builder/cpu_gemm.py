@@ -89,12 +89,18 @@ def linear_padded_rows(input: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return _linear(padded, weight, bias)[:rows].view(*input.shape[:-1], weight.shape[0])
 
 
+def cpu_choice(variable: str, choices: tuple[str, ...], default_is: str, torch_keeps: str) -> str:
+    """The value of an opt-out variable (its first choice when unset, "torch" to keep torch's own kernels); any other
+    value is an error that names the allowed ones."""
+    value = os.environ.get(variable, choices[0])
+    if value not in choices:
+        raise ValueError(f"{variable}={value!r} is not one of {', '.join(choices)}: unset it for {default_is}, or set "
+                         f"{variable}=torch to keep {torch_keeps}.")
+    return value
+
+
 def requested_gemm() -> str:
-    gemm = os.environ.get("MAGPIE_CPU_GEMM", "onednn")
-    if gemm not in GEMMS:
-        raise ValueError(f"MAGPIE_CPU_GEMM={gemm!r} is not one of {', '.join(GEMMS)}: unset it for oneDNN, or set "
-                         "MAGPIE_CPU_GEMM=torch to keep torch's default BLAS.")
-    return gemm
+    return cpu_choice("MAGPIE_CPU_GEMM", GEMMS, "oneDNN", "torch's default BLAS")
 
 
 def route_linears(model: torch.nn.Module) -> int:
