@@ -77,6 +77,16 @@ def hub(monkeypatch):
     HUB.recover()
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now, for a launcher's rendezvous: a fixed one (accelerate's default 29500)
+    can still be held by an earlier run's process."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def close(a, b, tolerance: float = 1e-5) -> bool:
     """Equal, floats within `tolerance`: reward scores shift in the 7th digit with the shape of the padded batch
     they ran in. Texts, ids and choices must match exactly."""

@@ -12,7 +12,7 @@ from datasets import load_dataset
 
 from builder.build import build
 from builder.config import BuildConfig
-from conftest import ROOT, same_rows, small_config
+from conftest import ROOT, free_port, same_rows, small_config
 
 BIN = Path(sys.executable).parent
 DEMO = str(ROOT / "dataset_scripts" / "demo.yaml")
@@ -69,7 +69,7 @@ def test_two_processes_under_accelerate_merge_to_the_one_process_dataset(tmp_pat
     args = ["--config", DEMO, "--num_instructions", "40", "--test_size", "0.1", "--resume", "false",
             "--cache_dir", str(tmp_path / "cache")]
     done = subprocess.run(
-        [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29533",
+        [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
          "-m", "builder.cli", *args, "--output_dir", str(tmp_path / "two")],
         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

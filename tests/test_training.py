@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from builder.cli import main as build_main
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 TRAINING = ROOT / "training"
 SEED_RECIPE = TRAINING / "recipes" / "llama-3.1-8b-magpie-dpo" / "config_full.yaml"
@@ -88,7 +88,7 @@ def run(command: list[str], cwd=ROOT) -> subprocess.CompletedProcess:
 def test_accelerate_launch_two_processes_trains_every_parameter(dataset_folder, tmp_path, tiny_model):
     output = tmp_path / "run"
     run([str(BIN / "accelerate"), "launch", "--config_file", str(TRAINING / "accelerate_configs" /
-               "cpu_ddp.yaml"), str(TRAINING / "dpo.py"), "--config", str(CPU_RECIPE), "--dataset_name",
+               "cpu_ddp.yaml"), "--main_process_port", str(free_port()), str(TRAINING / "dpo.py"), "--config", str(CPU_RECIPE), "--dataset_name",
                 str(dataset_folder), "--output_dir", str(output), "--max_steps", "4", "--eval_steps", "4"])
     changed = trainable_changed(tiny_model("chat-llama-3.1"), output)
     assert all(changed.values()), [name for name, moved in changed.items() if not moved]
