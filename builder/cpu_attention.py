@@ -10,8 +10,9 @@ every row reads the same) and the row's live columns (scores, softmax, weighted 
 keys and values while it computes.
 
 It is compiled on first use, with the machine's C compiler (`$CC`, else `cc`) and `-march=native`, into
-`$MAGPIE_KERNEL_CACHE` (default `~/.cache/magpie_builder`), named by a hash of the source, the flags, the compiler
-and the CPU's model and flags, so a home folder shared by other machines never loads a kernel built for another CPU.
+`$MAGPIE_BUILDER_CACHE/kernels` (beside the tiny models and tables; default `~/.cache/magpie_builder`), named by a
+hash of the source, the flags, the compiler and the CPU's model and flags, so a home folder shared by other machines
+never loads a kernel built for another CPU.
 With no compiler, a failed build or `MAGPIE_CPU_ATTENTION=torch`, attention runs in torch as before (a warning says
 why). Only single-threaded fp32 CPU decode steps use it: a process given more torch threads keeps torch's matmuls,
 which use them; GPUs keep SDPA or flash attention.
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .cpu_gemm import cpu_choice
+from .tiny import cache_root
 
 logger = logging.getLogger("magpie_builder")
 
@@ -45,12 +47,6 @@ BACKENDS = ("kernel", "torch")
 
 def requested_backend() -> str:
     return cpu_choice("MAGPIE_CPU_ATTENTION", BACKENDS, "the C kernel", "torch's matmuls")
-
-
-def cache_dir() -> Path:
-    if os.environ.get("MAGPIE_KERNEL_CACHE"):
-        return Path(os.environ["MAGPIE_KERNEL_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "magpie_builder"
 
 
 def _cpu_identity() -> str:
@@ -91,7 +87,7 @@ def library() -> ctypes.CDLL | None:
     command[0] = compiler
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *command, *FLAGS, version, _cpu_identity()]).encode())
-    target = cache_dir() / f"cpu_attention-{key.hexdigest()[:16]}.so"
+    target = cache_root() / "kernels" / f"cpu_attention-{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():
             _compile(command, target)

@@ -124,7 +124,7 @@ def test_a_bad_backend_is_refused_with_the_fix(monkeypatch):
 def test_without_a_working_compiler_attention_falls_back_to_torch_with_a_warning(compiler, reason, monkeypatch,
                                                                                  tmp_path, caplog, one_thread):
     monkeypatch.setenv("CC", compiler)
-    monkeypatch.setenv("MAGPIE_KERNEL_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.setenv("MAGPIE_BUILDER_CACHE", str(tmp_path))
     cpu_attention.library.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="magpie_builder"):
@@ -139,16 +139,17 @@ def test_without_a_working_compiler_attention_falls_back_to_torch_with_a_warning
 
 @needs_kernel
 def test_the_kernel_is_built_once_into_the_cache_named_by_source_flags_and_cpu(monkeypatch, tmp_path):
-    monkeypatch.setenv("MAGPIE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("MAGPIE_BUILDER_CACHE", str(tmp_path))
     cpu_attention.library.cache_clear()
     try:
         assert cpu_attention.library() is not None
-        built = list(tmp_path.glob("cpu_attention-*.so"))
-        assert len(built) == 1 and not list(tmp_path.glob("tmp*"))
+        kernels = tmp_path / "kernels"
+        built = list(kernels.glob("cpu_attention-*.so"))
+        assert len(built) == 1 and not list(kernels.glob("tmp*"))
         stamp = built[0].stat().st_mtime_ns
         cpu_attention.library.cache_clear()
         assert cpu_attention.library() is not None
-        assert [p.stat().st_mtime_ns for p in tmp_path.glob("cpu_attention-*.so")] == [stamp]  # reused, not rebuilt
+        assert [p.stat().st_mtime_ns for p in kernels.glob("cpu_attention-*.so")] == [stamp]  # reused, not rebuilt
     finally:
         cpu_attention.library.cache_clear()
 
