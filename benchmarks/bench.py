@@ -85,7 +85,7 @@ def matmul_gflops(size: int = 1024, repeats: int = 10, threads: int = 1) -> dict
     matmuls reach from torch: against MKL's alone (half of oneDNN's on AMD processors) it would flatter."""
     import torch
 
-    from builder.cpu_gemm import _linear, onednn_available
+    from builder.engines.transformers.cpu.gemm import _linear, onednn_available
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -107,7 +107,7 @@ def matmul_gflops(size: int = 1024, repeats: int = 10, threads: int = 1) -> dict
 
 def attention_backend() -> str:
     """Which decode attention ours runs on CPU: the C kernel, or torch's matmuls (and why)."""
-    from builder import cpu_attention
+    from builder.engines.transformers.cpu import attention as cpu_attention
 
     if cpu_attention.requested_backend() == "torch":
         return "attention in torch (MAGPIE_CPU_ATTENTION=torch)"
@@ -132,7 +132,7 @@ def decode_step_seconds(model, batch: int, context: int, shared: int = 0, repeat
     stage's ceiling, every token decoded at full batch with no prefill and no tail."""
     import torch
 
-    from builder.generation import (SamplingParams, SharedPrefix, _decode_prefix, cache_argument, cascade_decoding,
+    from builder.engines.transformers.generation import (SamplingParams, SharedPrefix, _decode_prefix, cache_argument, cascade_decoding,
                                     new_cache, sample_next_tokens)
 
     kv_heads = model.config.num_key_value_heads
@@ -167,7 +167,7 @@ def decode_step_seconds(model, batch: int, context: int, shared: int = 0, repeat
 def shared_prompt_prefix(config, instructions: list[str]) -> int:
     """The number of tokens the response prompts of `instructions` share (the template's system block and header)."""
     from builder.build import model_specs
-    from builder.generation import common_prefix_length
+    from builder.engines.transformers.generation import common_prefix_length
     from builder.models import load_generator
     from builder.templates import encode_chat_text, render_chat
 
@@ -212,7 +212,7 @@ def naive_baseline(config, instructions_kept: list[str], threads: int = 1) -> di
     from builder.build import model_specs, pre_query_of
     from builder.models import load_tokenizer
     from builder.templates import encode_chat_text, render_chat
-    from builder.tiny import resolve_model_path
+    from builder.testing.tiny import resolve_model_path
 
     generator, reward = model_specs(config)
     # Stock transformers models, loaded the way a research script does: torch's default kernels (MKL), not the
@@ -365,7 +365,7 @@ class DecodeSteps:
     is about the share of decode time that `look_ahead` can win back (all shards' tails but the last)."""
 
     def __enter__(self):
-        from builder import generation
+        from builder.engines.transformers import generation
 
         self.steps, self.half_empty = 0, 0
         self._original = original = generation.SlotCache.decode_mask
@@ -379,7 +379,7 @@ class DecodeSteps:
         return self
 
     def __exit__(self, *exc):
-        from builder import generation
+        from builder.engines.transformers import generation
 
         generation.SlotCache.decode_mask = self._original
 

@@ -10,7 +10,8 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .build import build
-    from .publish import push_to_hub, write_folder
+    from .publish.folder import write_folder
+    from .publish.hub import push_to_hub
 
     ranks = distributed_ranks(config)
     if config.num_proc > 1:
@@ -32,25 +33,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def distributed_ranks(config):
-    """Ranks of an `accelerate launch` / `torchrun` job (WORLD_SIZE > 1), or the one-process default."""
-    import os
-    from pathlib import Path
+    """Ranks of an `accelerate launch` / `torchrun` job, whose parts are kept under a folder named by the config."""
+    from .pipeline.keys import digest
+    from .pipeline.ranks import distributed_ranks as ranks_of
 
-    from .build import Ranks
-    from .cache import stage_key
-    from .tiny import cache_root
-
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return Ranks()
-    import torch
-    from accelerate import PartialState
-
-    # Without CUDA, accelerate's processes talk over gloo on the CPU only when asked to.
-    state = PartialState(cpu=not torch.cuda.is_available())
-    run = stage_key("run", config.to_dict() | {"output_dir": None, "push_to_hub": False})
-    parts = Path(config.cache_dir or cache_root() / "batches") / "parts" / run
-    return Ranks(state.process_index, state.num_processes, state.local_process_index, str(parts),
-                 state.wait_for_everyone)
+    return ranks_of("run-" + digest(config.to_dict() | {"output_dir": None, "push_to_hub": False}), config.cache_dir)
 
 
 if __name__ == "__main__":

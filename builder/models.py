@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tiny import resolve_model_path
+from .testing.tiny import resolve_model_path
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def _load(spec: ModelSpec, rank: int | None, auto_class, role: str):
         model = model.to(device)
     model.eval()
     if device is not None and device.type == "cpu":
-        from .cpu_gemm import route_linears
+        from .engines.transformers.cpu.gemm import route_linears
 
         route_linears(model)  # MKL's fp32 GEMM runs at half speed on AMD processors; see cpu_gemm.py
     return model, tokenizer

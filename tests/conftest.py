@@ -29,7 +29,7 @@ os.environ["HF_ENDPOINT"] = HUB.url
 import pytest  # noqa: E402
 
 from builder.config import BuildConfig  # noqa: E402
-from builder.tiny import resolve_model_path  # noqa: E402
+from builder.testing.tiny import resolve_model_path  # noqa: E402
 
 FAMILIES = ["llama-3", "llama-3.1", "qwen2.5", "gemma-2", "phi-3.5", "mistral"]
 

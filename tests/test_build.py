@@ -8,7 +8,7 @@ from datasets import load_dataset
 from builder.build import build
 from builder.cli import main as cli_main
 from builder.config import BuildConfig, parse_config
-from builder.publish import write_folder
+from builder.publish.folder import write_folder
 from conftest import ROOT, small_config
 
 DEMO = str(ROOT / "dataset_scripts" / "demo.yaml")
@@ -97,7 +97,7 @@ def test_stage_tables_are_files_and_only_the_final_splits_stay():
     import subprocess
     import sys
 
-    from builder.tiny import cache_root
+    from builder.paths import cache_root
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = cache_root() / "tables" / f"{socket.gethostname()}-pid{int(gone.stdout)}-rank0-crashed"
@@ -119,7 +119,7 @@ def test_stage_tables_are_files_and_only_the_final_splits_stay():
 def test_summary_reports_every_stage():
     result = build(small_config())
     names = [r.name for r in result.ledger.stages]
-    assert names == ["instructions", "filter", "responses", "rewards", "binarize", "split"]
+    assert names == ["instructions", "filter", "dedup", "responses", "rewards", "binarize", "split"]
     summary = result.ledger.summary()
     for name in names:
         assert name in summary

@@ -10,8 +10,9 @@ from datasets import load_dataset
 from huggingface_hub import DatasetCard
 
 from builder.build import build
-from builder.card import PLOT_FILE, render_card
-from builder.publish import PushError, push_to_hub, write_folder
+from builder.publish.card import PLOT_FILE, render_card
+from builder.publish.folder import write_folder
+from builder.publish.hub import PushError, push_to_hub
 from conftest import HUB_TOKENS, small_config
 
 ALICE = "hf_test_alice_0123456789"
@@ -146,7 +147,7 @@ def test_a_server_error_once_is_retried(result, hub):
 
 
 def test_a_server_that_always_fails_leaves_the_repo_unchanged(result, hub, monkeypatch):
-    monkeypatch.setattr("builder.publish.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("builder.publish.hub.time.sleep", lambda seconds: None)
     push_to_hub(result, "alice/tiny-dpo")
     before = hub.files("alice/tiny-dpo")
     other = build(small_config(num_instructions=12, seed=99))
@@ -192,7 +193,7 @@ def test_push_errors_are_clear(result, hub, monkeypatch, repo_id, token, message
 
 def test_unreachable_server_is_a_clear_error(result, hub, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setattr("builder.publish.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("builder.publish.hub.time.sleep", lambda seconds: None)
     with pytest.raises(PushError, match="failed 3 times against http://127.0.0.1:9"):
         push_to_hub(result, "alice/tiny-dpo")
 
@@ -213,7 +214,7 @@ def test_card_renders_without_a_repo(result):
 def test_a_card_commit_that_fails_says_the_data_landed(result, hub, monkeypatch):
     from huggingface_hub import HfApi
 
-    monkeypatch.setattr("builder.publish.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("builder.publish.hub.time.sleep", lambda seconds: None)
     real_commit = HfApi.create_commit
 
     def failing_card_commit(self, repo_id, operations, **kwargs):

@@ -43,7 +43,7 @@ def test_batch_and_shard_sizes_do_not_change_the_rows():
 def test_look_ahead_carries_each_shard_into_the_next_and_keeps_every_row(monkeypatch):
     # With look_ahead, a shard's samples start in the rows the previous shard's tail frees: fewer continuous
     # batches than shards, and the same rows (at this scale not a token differs; see the config's help).
-    from builder import generation
+    from builder.engines.transformers import generation
 
     batches = []
     init = generation.ContinuousBatch.__init__
@@ -132,7 +132,7 @@ def _record_batches(batch, indices, rank, *, next_batch):
 def test_next_batch_is_the_batch_map_hands_the_same_worker_next(num_proc):
     from datasets import Dataset
 
-    from builder.cache import NextBatch
+    from builder.pipeline.resume import NextBatch
 
     rows = Dataset.from_dict({"i": list(range(23))})
     mapped = rows.map(_record_batches, batched=True, batch_size=5, with_indices=True, with_rank=True,

@@ -14,7 +14,7 @@ from builder.templates import (
 )
 from conftest import FAMILIES
 
-TEMPLATE_DIR = resources.files("builder").joinpath("chat_templates")
+TEMPLATE_DIR = resources.files("builder.testing").joinpath("chat_templates")
 TEMPLATE_FILES = sorted(p.name for p in TEMPLATE_DIR.iterdir() if p.name.endswith(".json"))
 
 

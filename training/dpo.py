@@ -18,7 +18,7 @@ def make_parser():
 
 
 def resolve(name_or_path: str) -> str:
-    from builder.tiny import resolve_model_path
+    from builder.testing.tiny import resolve_model_path
 
     return resolve_model_path(name_or_path)
 

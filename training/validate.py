@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     folder = Path(script_args.dataset_name)
     if (folder / "README.md").exists():
-        from builder.card import attach_validation_report
+        from builder.publish.card import attach_validation_report
 
         shutil.copy(output / "validation_report.json", folder / "validation_report.json")
         attach_validation_report(folder / "README.md", markdown)

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from builder import cpu_attention
+from builder.engines.transformers.cpu import attention as cpu_attention
 
 needs_kernel = pytest.mark.skipif(cpu_attention.library() is None, reason="no C compiler to build the kernel with")
 
@@ -89,7 +89,7 @@ def test_a_rows_result_does_not_depend_on_the_batch_or_the_masked_columns_around
 def test_cascade_attention_runs_the_kernel_unless_told_and_both_agree(backend, monkeypatch, one_thread):
     from types import SimpleNamespace
 
-    from builder.generation import SharedPrefix, _decode_prefix, cascade_attention
+    from builder.engines.transformers.generation import SharedPrefix, _decode_prefix, cascade_attention
 
     monkeypatch.setenv("MAGPIE_CPU_ATTENTION", backend)
     calls = []

@@ -2,9 +2,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from builder import cpu_gemm
+from builder.engines.transformers.cpu import gemm as cpu_gemm
 from builder.models import ModelSpec, load_generator
-from builder.tiny import resolve_model_path
+from builder.testing.tiny import resolve_model_path
 
 needs_onednn = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="this torch build has no oneDNN linear")
 

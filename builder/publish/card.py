@@ -7,7 +7,6 @@ local path.
 """
 
 import json
-from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
@@ -19,8 +18,8 @@ from datasets.splits import SplitDict, SplitInfo
 from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from . import __version__
-from .models import public_model_name
+from .. import __version__
+from ..models import public_model_name
 
 PLOT_FILE = "reward_distribution.png"
 CONFIG_FILE = "build_config.yaml"
@@ -28,28 +27,6 @@ TEMPLATE = "dataset_card.md"
 TRAIN_RECIPE = "training/recipes/llama-3.1-8b-magpie-dpo/config_full.yaml"
 TAGS = ["dpo", "preference", "synthetic", "magpie", "trl"]
 EXAMPLE_CHARS = 300
-
-COLUMNS = {
-    "uuid": "Stable id of the row (from the seed and the row's index).",
-    "instruction": "The instruction the generator wrote from the pre-query template.",
-    "prompt": "The conversation before the answer: `[{role: user, content: instruction}]`.",
-    "chosen": "The highest-scored response, as conversation turns.",
-    "rejected": "The lowest-scored response, as conversation turns.",
-    "chosen_score": "Reward of `chosen`.",
-    "rejected_score": "Reward of `rejected`.",
-    "reward_margin": "`chosen_score - rejected_score`.",
-    "responses": "All sampled responses, in sampling order.",
-    "rewards": "The reward of each response, aligned with `responses`.",
-    "response_finish_reasons": "`stop` (the model ended its turn) or `length` (hit the token cap), per response.",
-    "response_tokens": "Length of each response in generator tokens.",
-    "instruction_tokens": "Length of the instruction in generator tokens.",
-    "prompt_tokens": "Length of the chat prompt (template + instruction) in generator tokens.",
-    "reward_inputs_truncated": "How many of the row's reward-model inputs were cut to the reward model's maximum.",
-    "gen_input_configs": "Instruction sampling: generator, revision, pre-query template, temperature, top_p, seed.",
-    "gen_response_configs": "Response sampling: generator, revision, temperature, top_p, max tokens, N, seed.",
-    "reward_model": "The reward model that scored the responses.",
-}
-
 
 def size_category(rows: int) -> str:
     for limit, name in [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
@@ -164,7 +141,7 @@ def render_card(result, *, repo_id: str | None = None, metadata: dict | None = N
     stages = [{"name": s.name, "rows_in": s.rows_in, "rows_out": s.rows_out, "seconds": f"{s.seconds:.1f}",
                "drops_text": ", ".join(f"{k}: {v}" for k, v in s.drops.items()) or "-"} for s in ledger.stages]
     load_id = repo_id or "path/to/output_dir"
-    template = resources.files("builder").joinpath("cards").joinpath(TEMPLATE)
+    template = resources.files("builder.publish").joinpath("cards").joinpath(TEMPLATE)
     with resources.as_file(template) as template_path:
         return DatasetCard.from_template(
             card_data, template_path=str(template_path),
@@ -186,7 +163,7 @@ def render_card(result, *, repo_id: str | None = None, metadata: dict | None = N
             build_date=result.built_at, chat_template_date=config.chat_template_date, builder_version=__version__,
             stages=stages, split_sizes={name: len(split) for name, split in dataset.items()},
             total_rows=total_rows, statistics=table, **truncation,
-            columns=[(c, COLUMNS[c]) for c in first_row if c in COLUMNS], examples=example_rows(dataset),
+            columns=[(column.name, column.description) for column in result.columns], examples=example_rows(dataset),
             load_id=load_id, plot_file=PLOT_FILE, config_file=CONFIG_FILE,
             train_command=train_command(load_id),
             config_yaml=yaml.safe_dump(public_config(config), sort_keys=False, allow_unicode=True),
@@ -216,7 +193,3 @@ def table_cell(text: str) -> str:
 def train_command(dataset_id: str) -> str:
     return ("ACCELERATE_LOG_LEVEL=info accelerate launch --config_file training/accelerate_configs/multi_gpu.yaml "
             f"training/dpo.py --config {TRAIN_RECIPE} --dataset_name {dataset_id}")
-
-
-def build_date() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d")

@@ -35,12 +35,12 @@ from pathlib import Path
 
 import torch
 
-from .cpu_gemm import cpu_choice
-from .tiny import cache_root
+from ....paths import cache_root
+from .gemm import cpu_choice
 
 logger = logging.getLogger("magpie_builder")
 
-SOURCE = Path(__file__).with_name("cpu_attention.c")
+SOURCE = Path(__file__).with_name("attention.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared")
 BACKENDS = ("kernel", "torch")
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ..paths import cache_root
+
 TINY_PREFIX = "tiny:"
 # Bump when the tiny models change, so a cache from an older version is never reused.
 TINY_VERSION = "7"
@@ -113,10 +115,6 @@ SIZES = {
         stop_probability=0.02, response_stop_probability=0.006,
     ),
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MAGPIE_BUILDER_CACHE", Path.home() / ".cache" / "magpie_builder"))
 
 
 def is_tiny(name_or_path: str) -> bool:
@@ -226,7 +224,7 @@ def build_tokenizer(family: ChatFamily, vocab_size: int):
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{family.bos} $A", pair=f"{family.bos} $A {family.bos} $B", special_tokens=[(family.bos, bos_id)]
         )
-    template = json.loads(resources.files("builder").joinpath("chat_templates").joinpath(family.template_file).read_text())
+    template = json.loads(resources.files("builder.testing").joinpath("chat_templates").joinpath(family.template_file).read_text())
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=family.bos,
@@ -336,7 +334,7 @@ def build_reward_model(name: str, folder: Path, spec: TinyModelSpec) -> None:
             model.score.weight.normal_(0.0, 1.0)  # rewards spread around 1, like a trained head
         model.save_pretrained(folder)
     else:
-        code = resources.files("builder").joinpath("tiny_armo").joinpath(ARMO_MODELING_FILE).read_text()
+        code = resources.files("builder.testing").joinpath("tiny_armo").joinpath(ARMO_MODELING_FILE).read_text()
         namespace: dict = {}
         exec(compile(code, ARMO_MODELING_FILE, "exec"), namespace)
         config = _llama_config(spec, tokenizer, num_objectives=4, score_mode=score_mode)

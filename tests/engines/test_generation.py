@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from builder.generation import (SamplingParams, counter_uniform, inverse_cdf, prefill, sample, sample_next_tokens,
+from builder.engines.transformers.generation import (SamplingParams, counter_uniform, inverse_cdf, prefill, sample, sample_next_tokens,
                                 shared_prefix, splitmix64)
 
 MASK = (1 << 64) - 1
@@ -122,7 +122,7 @@ def test_stop_and_length_finish_reasons(tiny_model):
 def test_continuous_batching_gives_the_same_samples_at_every_batch_size(tiny_model, monkeypatch):
     # Batch size 1 decodes every sample alone; 4 keeps refilling freed rows (prompts of different lengths join a
     # running batch); 64 takes everything at once and retires finished rows.
-    from builder import generation
+    from builder.engines.transformers import generation
 
     compactions = []
     reserve = generation.SlotCache.reserve_column
@@ -159,7 +159,7 @@ def test_continuous_batching_gives_the_same_samples_at_every_batch_size(tiny_mod
 def test_the_slot_cache_is_one_zeroed_block_from_the_first_prompt(tiny_model, monkeypatch):
     # Memory that does not depend on how far a shard got: every layer's keys and values are views of one block,
     # written in full (zeros) when the first prompt is copied in, not page by page as the write column advances.
-    from builder import generation
+    from builder.engines.transformers import generation
 
     seen = []
     fill = generation.SlotCache.fill_rows
@@ -195,7 +195,7 @@ def greedy_without_cache(model, prompt, steps):
 
 
 def test_the_shared_prefix_runs_once_and_matches_a_full_recompute(monkeypatch):
-    from builder import generation
+    from builder.engines.transformers import generation
     from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -265,7 +265,7 @@ def test_the_shared_prefix_runs_once_and_matches_a_full_recompute(monkeypatch):
 def test_cascade_attention_equals_attention_over_the_prefix_copied_into_every_row(masked):
     from types import SimpleNamespace
 
-    from builder.generation import SharedPrefix, _decode_prefix, cascade_attention
+    from builder.engines.transformers.generation import SharedPrefix, _decode_prefix, cascade_attention
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     torch.manual_seed(0)
@@ -329,7 +329,7 @@ def test_a_model_with_non_attention_cache_layers_is_refused_with_the_fix():
 def test_hybrid_and_indexed_layers_are_refused_though_they_subclass_dynamic_layer():
     from transformers import LlamaConfig
 
-    from builder.generation import _attention_layers_sliding
+    from builder.engines.transformers.generation import _attention_layers_sliding
 
     class HybridModel:
         config = LlamaConfig(num_hidden_layers=3, sliding_window=4)
@@ -344,7 +344,7 @@ def test_hybrid_and_indexed_layers_are_refused_though_they_subclass_dynamic_laye
 def test_the_next_calls_work_starts_in_this_calls_tail_and_is_taken_up(tiny_model, monkeypatch):
     # `then`: the next shard's completions fill the rows this shard's tail frees; the next call takes them up where
     # they stand, and gets what it would have got alone. Other work in the next call drops the carried batch.
-    from builder import generation
+    from builder.engines.transformers import generation
 
     model, tokenizer = load(tiny_model)
     params = SamplingParams(1.0, 1.0, 40, (tokenizer.convert_tokens_to_ids("<|eot_id|>"),))
@@ -382,7 +382,7 @@ def test_the_next_calls_work_starts_in_this_calls_tail_and_is_taken_up(tiny_mode
 
 
 def test_a_next_call_with_uneven_seeds_is_refused_and_nothing_is_carried(tiny_model):
-    from builder import generation
+    from builder.engines.transformers import generation
 
     model, tokenizer = load(tiny_model)
     params = SamplingParams(1.0, 1.0, 8, ())

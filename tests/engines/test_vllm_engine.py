@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from builder import engines
-from builder.build import build, pre_query_of, model_specs
+from builder.engines import vllm as vllm_engine
+from builder.build import build, model_specs, pre_query_of
 from conftest import small_config
 
 
@@ -66,9 +66,9 @@ def fake_vllm(monkeypatch):
     module.LLM, module.SamplingParams, module.TokensPrompt = LLM, SamplingParams, TokensPrompt
     monkeypatch.setitem(sys.modules, "vllm", module)
     LLM.instances.clear()
-    engines.load_vllm.cache_clear()
+    vllm_engine.load_vllm.cache_clear()
     yield module
-    engines.load_vllm.cache_clear()
+    vllm_engine.load_vllm.cache_clear()
 
 
 def test_build_with_the_vllm_engine(fake_vllm):
@@ -97,10 +97,10 @@ def test_build_with_the_vllm_engine(fake_vllm):
 
 
 def test_vllm_adapter_strips_the_stop_token_and_maps_finish_reasons(fake_vllm):
-    from builder.generation import SamplingParams as Params
+    from builder.engines import SamplingParams as Params
 
     llm = LLM("m")
-    completions = engines.sample_vllm(llm, [[1, 2, 3]], [11, 12], Params(1.0, 1.0, 8, (999,)), num_samples=2)
+    completions = vllm_engine.sample_vllm(llm, [[1, 2, 3]], [11, 12], Params(1.0, 1.0, 8, (999,)), num_samples=2)
     assert len(completions) == 2
     for c in completions:
         assert 999 not in c.token_ids

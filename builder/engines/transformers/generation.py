@@ -26,7 +26,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingW
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import cpu_attention
+from ..protocol import Completion, SamplingParams
+from .cpu import attention as cpu_attention
 
 PREFILL_TOKENS = 512  # padded prompt tokens per prefill pass (with fewer rows the matmuls run far below peak)
 
@@ -34,27 +35,6 @@ PREFILL_TOKENS = 512  # padded prompt tokens per prefill pass (with fewer rows t
 _C1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _C2 = 0x94D049BB133111EB - (1 << 64)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Args:
-    temperature (`float`): 0 means greedy.
-    top_p (`float`): nucleus sampling; 1.0 keeps the whole distribution.
-    max_new_tokens (`int`): the token cap; a sample that reaches it has finish reason "length".
-    stop_token_ids (`tuple[int, ...]`): end-of-turn and EOS ids; a sample that writes one has finish reason "stop".
-    """
-
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    stop_token_ids: tuple[int, ...]
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]  # without the stop token
-    finish_reason: str  # "stop" or "length"
 
 
 def _wrap_int64(value: int) -> int:
