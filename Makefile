@@ -20,4 +20,9 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
 
-.PHONY: install demo test
+# ruff with TRL's settings (pyproject.toml): lint, and the formatting checked, not rewritten.
+quality: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+.PHONY: install demo test quality

@@ -35,6 +35,7 @@ import threading
 import time
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -132,14 +133,30 @@ def decode_step_seconds(model, batch: int, context: int, shared: int = 0, repeat
     stage's ceiling, every token decoded at full batch with no prefill and no tail."""
     import torch
 
-    from builder.engines.transformers.generation import (SamplingParams, SharedPrefix, _decode_prefix, cache_argument, cascade_decoding,
-                                    new_cache, sample_next_tokens)
+    from builder.engines.transformers.generation import (
+        SamplingParams,
+        SharedPrefix,
+        _decode_prefix,
+        cache_argument,
+        cascade_decoding,
+        new_cache,
+        sample_next_tokens,
+    )
 
     kv_heads = model.config.num_key_value_heads
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     layers = model.config.num_hidden_layers
-    prefix = SharedPrefix(shared, [(torch.randn(1, kv_heads, shared, head_dim), torch.randn(1, kv_heads, shared, head_dim))
-                                   for _ in range(layers)]) if shared else None
+    prefix = (
+        SharedPrefix(
+            shared,
+            [
+                (torch.randn(1, kv_heads, shared, head_dim), torch.randn(1, kv_heads, shared, head_dim))
+                for _ in range(layers)
+            ],
+        )
+        if shared
+        else None
+    )
     input_ids = torch.randint(0, model.config.vocab_size, (batch, 1))
     positions = torch.full((batch, 1), context)
     seeds = torch.arange(batch)
@@ -151,13 +168,21 @@ def decode_step_seconds(model, batch: int, context: int, shared: int = 0, repeat
         for _ in range(repeats + 1):
             cache = new_cache(model, own + 1)
             for layer in cache.layers:
-                layer.hold(torch.randn(batch, kv_heads, own + 1, head_dim),
-                           torch.randn(batch, kv_heads, own + 1, head_dim), own)
+                layer.hold(
+                    torch.randn(batch, kv_heads, own + 1, head_dim),
+                    torch.randn(batch, kv_heads, own + 1, head_dim),
+                    own,
+                )
             start = time.perf_counter()
             token = _decode_prefix.set(prefix if cascade else None)
             with torch.inference_mode():
-                out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            **cache_argument(model, cache))
+                out = model(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    **cache_argument(model, cache),
+                )
                 sample_next_tokens(out.logits[:, -1], seeds, 0, params)
             _decode_prefix.reset(token)
             best = min(best, time.perf_counter() - start)
@@ -172,9 +197,18 @@ def shared_prompt_prefix(config, instructions: list[str]) -> int:
     from builder.templates import encode_chat_text, render_chat
 
     _, tokenizer = load_generator(model_specs(config)[0])
-    prompts = [encode_chat_text(tokenizer, render_chat(tokenizer, [{"role": "user", "content": instruction}],
-                                                       add_generation_prompt=True, day=config.chat_template_date))
-               for instruction in instructions]
+    prompts = [
+        encode_chat_text(
+            tokenizer,
+            render_chat(
+                tokenizer,
+                [{"role": "user", "content": instruction}],
+                add_generation_prompt=True,
+                day=config.chat_template_date,
+            ),
+        )
+        for instruction in instructions
+    ]
     return common_prefix_length(prompts) if len(prompts) > 1 else 0
 
 
@@ -186,9 +220,18 @@ def config_for(size: str, num_instructions: int, **overrides):
 
     suffix = "" if size == "tiny" else f"@{size}"
     values = dict(
-        generator_model=f"tiny:chat-llama-3.1{suffix}", reward_model=f"tiny:reward{suffix}",
-        num_instructions=num_instructions, max_instruction_tokens=64, max_response_tokens=128, num_responses=5,
-        generation_batch_size=256, reward_batch_size=8, test_size=0.1, seed=1, resume=False, look_ahead=LOOK_AHEAD,
+        generator_model=f"tiny:chat-llama-3.1{suffix}",
+        reward_model=f"tiny:reward{suffix}",
+        num_instructions=num_instructions,
+        max_instruction_tokens=64,
+        max_response_tokens=128,
+        num_responses=5,
+        generation_batch_size=256,
+        reward_batch_size=8,
+        test_size=0.1,
+        seed=1,
+        resume=False,
+        look_ahead=LOOK_AHEAD,
     )
     values.update(overrides)
     return BuildConfig(**values)
@@ -217,9 +260,12 @@ def naive_baseline(config, instructions_kept: list[str], threads: int = 1) -> di
     generator, reward = model_specs(config)
     # Stock transformers models, loaded the way a research script does: torch's default kernels (MKL), not the
     # oneDNN linears the builder's loader switches to on CPU.
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(generator.name_or_path), dtype=torch.float32).eval()
-    reward_model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(reward.name_or_path),
-                                                                      dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(generator.name_or_path), dtype=torch.float32
+    ).eval()
+    reward_model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(reward.name_or_path), dtype=torch.float32
+    ).eval()
     tokenizer, reward_tokenizer = load_tokenizer(generator), load_tokenizer(reward)
     # A research script takes torch's default: every core of the machine as threads.
     torch.set_num_threads(threads)
@@ -227,24 +273,42 @@ def naive_baseline(config, instructions_kept: list[str], threads: int = 1) -> di
     times, tokens = {}, {}
 
     def generate(ids, temperature, cap, stop_ids):
-        gen_config = GenerationConfig(do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
-                                      max_new_tokens=cap, eos_token_id=list(stop_ids),
-                                      pad_token_id=tokenizer.pad_token_id)
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             generation_config=gen_config)
-        return out[0, len(ids):].tolist()
+        gen_config = GenerationConfig(
+            do_sample=True,
+            temperature=temperature,
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=cap,
+            eos_token_id=list(stop_ids),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        out = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), generation_config=gen_config
+        )
+        return out[0, len(ids) :].tolist()
 
     torch.manual_seed(config.seed)
     start = time.perf_counter()
-    generated = [generate(pre_query.token_ids, config.instruction_temperature, config.max_instruction_tokens,
-                          pre_query.instruction_stop_ids) for _ in range(config.num_instructions)]
+    generated = [
+        generate(
+            pre_query.token_ids,
+            config.instruction_temperature,
+            config.max_instruction_tokens,
+            pre_query.instruction_stop_ids,
+        )
+        for _ in range(config.num_instructions)
+    ]
     times["instructions"], tokens["instructions"] = time.perf_counter() - start, sum(map(len, generated))
 
     start = time.perf_counter()
     responses = []
     for instruction in instructions_kept:
-        text = render_chat(tokenizer, [{"role": "user", "content": instruction}], add_generation_prompt=True,
-                           day=config.chat_template_date)
+        text = render_chat(
+            tokenizer,
+            [{"role": "user", "content": instruction}],
+            add_generation_prompt=True,
+            day=config.chat_template_date,
+        )
         ids = encode_chat_text(tokenizer, text)
         for _ in range(config.num_responses):
             out = generate(ids, config.response_temperature, config.max_response_tokens, pre_query.response_stop_ids)
@@ -256,8 +320,10 @@ def naive_baseline(config, instructions_kept: list[str], threads: int = 1) -> di
     with torch.inference_mode():
         for instruction, response in responses:
             chat = [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}]
-            ids = encode_chat_text(reward_tokenizer, render_chat(reward_tokenizer, chat, add_generation_prompt=False,
-                                                                 day=config.chat_template_date))
+            ids = encode_chat_text(
+                reward_tokenizer,
+                render_chat(reward_tokenizer, chat, add_generation_prompt=False, day=config.chat_template_date),
+            )
             reward_model(input_ids=torch.tensor([ids]))
     times["rewards"] = time.perf_counter() - start
     torch.set_num_threads(1)
@@ -297,22 +363,38 @@ def compare(size: str, num_instructions: int, procs: int = 1) -> dict:
     prefilled = sum(prompt_tokens) / max(1, len(prompt_tokens)) * response_record.rows_in
     utilisation_all = (response_record.tokens + prefilled) * per_token / response_record.seconds / (gflops * 1e9)
     # The typical cached length of a decode step: a prompt and half a response.
-    context = round(sum(prompt_tokens) / max(1, len(prompt_tokens)) + sum(
-        t for row in rows for t in row["response_tokens"]) / max(1, 2 * sum(len(row["response_tokens"]) for row in rows)))
+    context = round(
+        sum(prompt_tokens) / max(1, len(prompt_tokens))
+        + sum(t for row in rows for t in row["response_tokens"])
+        / max(1, 2 * sum(len(row["response_tokens"]) for row in rows))
+    )
     shared = shared_prompt_prefix(config, kept)
     step = decode_step_seconds(model, config.generation_batch_size, context, shared)
     # A step runs on one thread.
     one_thread = gflops if procs == 1 else max(best_of(matmul_gflops(), matmul_gflops()).values())
     return {
-        "size": size, "instructions": num_instructions, "procs": procs,
+        "size": size,
+        "instructions": num_instructions,
+        "procs": procs,
         "params_millions": sum(p.numel() for p in model.parameters()) / 1e6,
-        "ours_seconds": ours, "ours_total": ours_total, "naive_seconds": naive["seconds"], "naive_total": naive_total,
+        "ours_seconds": ours,
+        "ours_total": ours_total,
+        "naive_seconds": naive["seconds"],
+        "naive_total": naive_total,
         "ours_tokens": {r.name: r.tokens for r in ledger.stages if r.tokens},
         "naive_tokens": naive["tokens"],
-        "matmul_gflops": gflops, "matmul_kernels": kernels, "flops_per_token": per_token, "response_utilisation": utilisation,
+        "matmul_gflops": gflops,
+        "matmul_kernels": kernels,
+        "flops_per_token": per_token,
+        "response_utilisation": utilisation,
         "response_utilisation_with_prompts": utilisation_all,
-        "decode_step": {"batch": config.generation_batch_size, "context": context, "shared": shared, "seconds": step,
-                        "utilisation": config.generation_batch_size * per_token / step / (one_thread * 1e9)},
+        "decode_step": {
+            "batch": config.generation_batch_size,
+            "context": context,
+            "shared": shared,
+            "seconds": step,
+            "utilisation": config.generation_batch_size * per_token / step / (one_thread * 1e9),
+        },
         "instruction_lengths": percentiles([row["instruction_tokens"] for row in rows]),
         "response_lengths": percentiles([t for row in rows for t in row["response_tokens"]]),
         "responses_at_cap": sum(r == "length" for row in rows for r in row["response_finish_reasons"])
@@ -328,30 +410,45 @@ def _instructions_after_filter(result, kept) -> list[str]:
 
 
 def print_comparison(c: dict) -> None:
-    machine = "1 thread" if c["procs"] == 1 else (f"ours {c['procs']} processes x 1 thread (num_proc), naive "
-                                                    f"{c['procs']} threads")
-    print(f"\n== {c['size']} model ({c['params_millions']:.1f}M parameters), {c['instructions']} instructions x 5 "
-          f"responses, caps 64/128 tokens, fp32, {machine}, {attention_backend()}"
-          + (", look_ahead" if LOOK_AHEAD else ""))
+    machine = (
+        "1 thread"
+        if c["procs"] == 1
+        else (f"ours {c['procs']} processes x 1 thread (num_proc), naive {c['procs']} threads")
+    )
+    print(
+        f"\n== {c['size']} model ({c['params_millions']:.1f}M parameters), {c['instructions']} instructions x 5 "
+        f"responses, caps 64/128 tokens, fp32, {machine}, {attention_backend()}"
+        + (", look_ahead" if LOOK_AHEAD else "")
+    )
     print(f"{'stage':<14}{'ours s':>9}{'naive s':>9}{'ratio':>8}{'ours tok/s':>12}{'naive tok/s':>12}")
     for stage in ("instructions", "responses", "rewards"):
         ours, naive = c["ours_seconds"][stage], c["naive_seconds"][stage]
         ours_tps = c["ours_tokens"].get(stage, 0) / ours if ours else 0
         naive_tps = c["naive_tokens"].get(stage, 0) / naive if naive else 0
         print(f"{stage:<14}{ours:>9.2f}{naive:>9.2f}{naive / ours:>7.1f}x{ours_tps:>12.0f}{naive_tps:>12.0f}")
-    print(f"{'end to end':<14}{c['ours_total']:>9.2f}{c['naive_total']:>9.2f}{c['naive_total'] / c['ours_total']:>7.1f}x")
-    print(f"seconds per instruction: ours {c['ours_total'] / c['instructions']:.3f}, naive "
-          f"{c['naive_total'] / c['instructions']:.3f}")
+    print(
+        f"{'end to end':<14}{c['ours_total']:>9.2f}{c['naive_total']:>9.2f}{c['naive_total'] / c['ours_total']:>7.1f}x"
+    )
+    print(
+        f"seconds per instruction: ours {c['ours_total'] / c['instructions']:.3f}, naive "
+        f"{c['naive_total'] / c['instructions']:.3f}"
+    )
     kernels = ", ".join(f"{name} {value:.1f}" for name, value in c["matmul_kernels"].items())
-    print(f"fp32 matmul throughput measured: {c['matmul_gflops']:.1f} GFLOP/s ({kernels}); response stage "
-          f"{c['response_utilisation']:.0%} of it ({c['flops_per_token'] / 1e6:.1f} MFLOP per generated token); "
-          f"{c['response_utilisation_with_prompts']:.0%} counting the prompt tokens it prefills too")
+    print(
+        f"fp32 matmul throughput measured: {c['matmul_gflops']:.1f} GFLOP/s ({kernels}); response stage "
+        f"{c['response_utilisation']:.0%} of it ({c['flops_per_token'] / 1e6:.1f} MFLOP per generated token); "
+        f"{c['response_utilisation_with_prompts']:.0%} counting the prompt tokens it prefills too"
+    )
     d = c["decode_step"]
-    print(f"ceiling: one decode step alone (batch {d['batch']}, {d['context']} cached tokens of which {d['shared']} "
-          f"shared, sampling included) takes "
-          f"{d['seconds'] * 1e3:.0f} ms, {d['utilisation']:.0%} of one thread's matmul throughput")
-    print(f"lengths (min / p10 / median / p90 / max): instructions {c['instruction_lengths']}, responses "
-          f"{c['response_lengths']}; responses at the cap {c['responses_at_cap']:.1%}")
+    print(
+        f"ceiling: one decode step alone (batch {d['batch']}, {d['context']} cached tokens of which {d['shared']} "
+        f"shared, sampling included) takes "
+        f"{d['seconds'] * 1e3:.0f} ms, {d['utilisation']:.0%} of one thread's matmul throughput"
+    )
+    print(
+        f"lengths (min / p10 / median / p90 / max): instructions {c['instruction_lengths']}, responses "
+        f"{c['response_lengths']}; responses at the cap {c['responses_at_cap']:.1%}"
+    )
     print(f"peak RSS {c['peak_rss_mb']:.0f} MB")
 
 
@@ -396,23 +493,39 @@ def scaling_run(size: str, num_instructions: int) -> dict:
         result = build(config)
     seconds = time.perf_counter() - start
     responses = result.ledger.get("responses")
-    utilisation = responses.tokens * flops_per_token(model) / responses.seconds / (
-        max(best_of(gflops_before, matmul_gflops()).values()) * 1e9)
+    utilisation = (
+        responses.tokens
+        * flops_per_token(model)
+        / responses.seconds
+        / (max(best_of(gflops_before, matmul_gflops()).values()) * 1e9)
+    )
     # The stages' own time: the per-build set-up (template derivation, tokenizer loads) is a constant that would
     # make small K look slower per instruction.
     stage_seconds = sum(record.seconds for record in result.ledger.stages)
-    return {"size": size, "k": num_instructions, "seconds": seconds, "stage_seconds": stage_seconds,
-            "per_instruction": stage_seconds / num_instructions, "peak_rss_mb": peak_rss_mb(),
-            "peak_anonymous_mb": anonymous.peak,
-            "response_utilisation": utilisation, "decode_steps": steps.steps, "half_empty_steps": steps.half_empty}
+    return {
+        "size": size,
+        "k": num_instructions,
+        "seconds": seconds,
+        "stage_seconds": stage_seconds,
+        "per_instruction": stage_seconds / num_instructions,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_anonymous_mb": anonymous.peak,
+        "response_utilisation": utilisation,
+        "decode_steps": steps.steps,
+        "half_empty_steps": steps.half_empty,
+    }
 
 
 def scaling(size: str, ks: list[int]) -> list[dict]:
     out = []
     for k in ks:
-        done = subprocess.run([sys.executable, __file__, "--scaling-run", size, str(k)]
-                              + (["--look-ahead"] if LOOK_AHEAD else []), capture_output=True,
-                              text=True, check=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        done = subprocess.run(
+            [sys.executable, __file__, "--scaling-run", size, str(k)] + (["--look-ahead"] if LOOK_AHEAD else []),
+            capture_output=True,
+            text=True,
+            check=True,
+            env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        )
         out.append(json.loads(done.stdout.strip().splitlines()[-1]))
     return out
 
@@ -420,29 +533,50 @@ def scaling(size: str, ks: list[int]) -> list[dict]:
 def print_scaling(size: str, runs: list[dict]) -> None:
     base = runs[0]["per_instruction"]
     print(f"\n== scaling, {size} model, {attention_backend()}" + (", look_ahead" if LOOK_AHEAD else ""))
-    print(f"{'K':>6}{'wall s':>9}{'stages s':>10}{'s/instruction':>15}{'vs K=' + str(runs[0]['k']):>10}"
-          f"{'peak RSS MB':>13}{'anonymous MB':>14}{'responses util':>16}{'decode steps':>14}{'half-empty':>12}")
+    print(
+        f"{'K':>6}{'wall s':>9}{'stages s':>10}{'s/instruction':>15}{'vs K=' + str(runs[0]['k']):>10}"
+        f"{'peak RSS MB':>13}{'anonymous MB':>14}{'responses util':>16}{'decode steps':>14}{'half-empty':>12}"
+    )
     for run in runs:
-        print(f"{run['k']:>6}{run['seconds']:>9.1f}{run['stage_seconds']:>10.1f}{run['per_instruction']:>15.4f}"
-              f"{run['per_instruction'] / base - 1:>+10.1%}{run['peak_rss_mb']:>13.0f}{run['peak_anonymous_mb']:>14.0f}"
-              f"{run['response_utilisation']:>16.0%}{run['decode_steps']:>14}"
-              f"{run['half_empty_steps'] / max(1, run['decode_steps']):>12.0%}")
+        print(
+            f"{run['k']:>6}{run['seconds']:>9.1f}{run['stage_seconds']:>10.1f}{run['per_instruction']:>15.4f}"
+            f"{run['per_instruction'] / base - 1:>+10.1%}{run['peak_rss_mb']:>13.0f}{run['peak_anonymous_mb']:>14.0f}"
+            f"{run['response_utilisation']:>16.0%}{run['decode_steps']:>14}"
+            f"{run['half_empty_steps'] / max(1, run['decode_steps']):>12.0%}"
+        )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"])
-    parser.add_argument("--instructions", nargs="*", type=int, default=[16, 64],
-                        help="K values of the baseline comparison (16: the issue's setting, all tail; 64: a full "
-                             "continuous batch)")
-    parser.add_argument("--procs", nargs="+", type=int, default=[1],
-                        help="processes of the build (num_proc, one thread each) against a naive baseline with as many "
-                             "threads; 2 uses both cores of the CI machine")
-    parser.add_argument("--scaling", nargs="*", type=int, default=None,
-                        help="K values of the scaling table (default 64 256 1024, plus 4096 on tiny)")
+    parser.add_argument(
+        "--instructions",
+        nargs="*",
+        type=int,
+        default=[16, 64],
+        help="K values of the baseline comparison (16: the issue's setting, all tail; 64: a full continuous batch)",
+    )
+    parser.add_argument(
+        "--procs",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="processes of the build (num_proc, one thread each) against a naive baseline with as many "
+        "threads; 2 uses both cores of the CI machine",
+    )
+    parser.add_argument(
+        "--scaling",
+        nargs="*",
+        type=int,
+        default=None,
+        help="K values of the scaling table (default 64 256 1024, plus 4096 on tiny)",
+    )
     parser.add_argument("--scaling-run", nargs=2, metavar=("SIZE", "K"), help=argparse.SUPPRESS)
-    parser.add_argument("--look-ahead", action="store_true",
-                        help="build with look_ahead: each shard's samples start in the previous shard's tail")
+    parser.add_argument(
+        "--look-ahead",
+        action="store_true",
+        help="build with look_ahead: each shard's samples start in the previous shard's tail",
+    )
     args = parser.parse_args()
     global LOOK_AHEAD
     LOOK_AHEAD = args.look_ahead

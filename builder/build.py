@@ -19,6 +19,7 @@ from .sources import magpie
 from .stages import filters, pairs, responses, rewards
 from .templates import PreQuery, derive_pre_query
 
+
 logger = logging.getLogger("magpie_builder")
 
 
@@ -65,8 +66,14 @@ def model_specs(config: BuildConfig, ranks: Ranks = Ranks()) -> tuple[ModelSpec,
         # One process per GPU across nodes: this process's GPU is its local rank.
         device = f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
     common = {"dtype": config.dtype, "device": device, "attn_implementation": config.attn_implementation}
-    generator = ModelSpec(config.generator_model, config.generator_revision, config.generator_trust_remote_code,
-                          engine=config.engine, tensor_parallel_size=config.tensor_parallel_size, **common)
+    generator = ModelSpec(
+        config.generator_model,
+        config.generator_revision,
+        config.generator_trust_remote_code,
+        engine=config.engine,
+        tensor_parallel_size=config.tensor_parallel_size,
+        **common,
+    )
     reward = ModelSpec(config.reward_model, config.reward_revision, config.reward_trust_remote_code, **common)
     return generator, reward
 
@@ -74,8 +81,12 @@ def model_specs(config: BuildConfig, ranks: Ranks = Ranks()) -> tuple[ModelSpec,
 def pre_query_of(config: BuildConfig, generator: ModelSpec) -> PreQuery:
     info = model_info(generator, "generator")
     return derive_pre_query(
-        info.tokenizer, list(info.eos_ids), model_name=generator.name_or_path, day=config.chat_template_date,
-        pre_query_template=config.pre_query_template, keep_default_system=config.keep_default_system,
+        info.tokenizer,
+        list(info.eos_ids),
+        model_name=generator.name_or_path,
+        day=config.chat_template_date,
+        pre_query_template=config.pre_query_template,
+        keep_default_system=config.keep_default_system,
         system_prompt=config.system_prompt,
     )
 
@@ -99,10 +110,12 @@ def build(config: BuildConfig, ranks: Ranks = Ranks(), stages=stages_for) -> Bui
         stages (`Callable`, defaults to `stages_for`): `(config, models) -> list[Stage]`, the build's stages.
     """
     models = check_models(config, ranks)
-    run = runner.run(stages(config, models), ranks=ranks, resume=config.resume, cache_dir=config.cache_dir,
-                     num_proc=config.num_proc)
+    run = runner.run(
+        stages(config, models), ranks=ranks, resume=config.resume, cache_dir=config.cache_dir, num_proc=config.num_proc
+    )
     if run is None:
         return None
     built_at = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    return BuildResult(run.dataset, run.ledger, run.columns, models.pre_query, config, models.reward_revision,
-                       built_at)
+    return BuildResult(
+        run.dataset, run.ledger, run.columns, models.pre_query, config, models.reward_revision, built_at
+    )

@@ -26,8 +26,14 @@ def main(argv: list[str] | None = None) -> int:
         folder = write_folder(result, config.output_dir)
         print(f"Dataset written to {folder}")
     if config.push_to_hub:
-        url = push_to_hub(result, config.repo_id, private=config.private, revision=config.hub_revision,
-                          force=config.force_push, folder=config.output_dir)
+        url = push_to_hub(
+            result,
+            config.repo_id,
+            private=config.private,
+            revision=config.hub_revision,
+            force=config.force_push,
+            folder=config.output_dir,
+        )
         print(f"Dataset pushed to {url}")
     return 0
 

@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from datetime import date
 
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -18,76 +19,115 @@ def _help(text: str, **kwargs):
 @dataclass
 class BuildConfig:
     # Models
-    generator_model: str | None = _help("The aligned chat model that writes instructions and responses: a Hub id, "
-                                        "a local folder, or `tiny:<name>` for the built-in tiny models.", default=None)
+    generator_model: str | None = _help(
+        "The aligned chat model that writes instructions and responses: a Hub id, "
+        "a local folder, or `tiny:<name>` for the built-in tiny models.",
+        default=None,
+    )
     generator_revision: str | None = _help("Branch, tag or commit of the generator on the Hub.", default=None)
     generator_trust_remote_code: bool = _help("Run the generator's own code. Opt-in only.", default=False)
-    reward_model: str | None = _help("The reward model that scores every response: a sequence classifier with one "
-                                     "label, or custom code whose output has `.score` (ArmoRM).", default=None)
+    reward_model: str | None = _help(
+        "The reward model that scores every response: a sequence classifier with one "
+        "label, or custom code whose output has `.score` (ArmoRM).",
+        default=None,
+    )
     reward_revision: str | None = _help("Branch, tag or commit of the reward model on the Hub.", default=None)
-    reward_trust_remote_code: bool = _help("Run the reward model's own code (ArmoRM needs it). Opt-in only.",
-                                           default=False)
-    dtype: str = _help("Model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.",
-                       default="auto")
-    device: str = _help("auto (cuda:{rank %% n_gpus} when CUDA is there, else cpu), sharded (one model over all "
-                        "GPUs), or a torch device.", default="auto")
-    attn_implementation: str | None = _help("sdpa, flash_attention_2, eager; the library default otherwise.",
-                                            default=None)
+    reward_trust_remote_code: bool = _help(
+        "Run the reward model's own code (ArmoRM needs it). Opt-in only.", default=False
+    )
+    dtype: str = _help(
+        "Model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.", default="auto"
+    )
+    device: str = _help(
+        "auto (cuda:{rank %% n_gpus} when CUDA is there, else cpu), sharded (one model over all "
+        "GPUs), or a torch device.",
+        default="auto",
+    )
+    attn_implementation: str | None = _help(
+        "sdpa, flash_attention_2, eager; the library default otherwise.", default=None
+    )
     # Pre-query template
-    pre_query_template: str | None = _help("Override the derived pre-query template: an alias (llama3, qwen2, ...) "
-                                           "or a raw string.", default=None)
-    keep_default_system: bool = _help("Keep a system block the chat template inserts by itself (Llama-3.1's "
-                                      "'Cutting Knowledge Date', Qwen's default prompt). false strips it.",
-                                      default=True)
-    system_prompt: str | None = _help("A custom system prompt for instruction generation (task-specific Magpie).",
-                                      default=None)
-    chat_template_date: str = _help("The date (YYYY-MM-DD) templates see as today, so builds are reproducible.",
-                                    default="2024-07-26")
+    pre_query_template: str | None = _help(
+        "Override the derived pre-query template: an alias (llama3, qwen2, ...) or a raw string.", default=None
+    )
+    keep_default_system: bool = _help(
+        "Keep a system block the chat template inserts by itself (Llama-3.1's "
+        "'Cutting Knowledge Date', Qwen's default prompt). false strips it.",
+        default=True,
+    )
+    system_prompt: str | None = _help(
+        "A custom system prompt for instruction generation (task-specific Magpie).", default=None
+    )
+    chat_template_date: str = _help(
+        "The date (YYYY-MM-DD) templates see as today, so builds are reproducible.", default="2024-07-26"
+    )
     # Instructions
     num_instructions: int = _help("How many instructions to sample (before filtering).", default=1000)
     instruction_temperature: float = _help("Sampling temperature of instructions (Magpie: 1.0).", default=1.0)
     instruction_top_p: float = _help("Top-p of instructions (Magpie: 1.0).", default=1.0)
-    max_instruction_tokens: int = _help("Token cap of an instruction; one that hits it is dropped as truncated.",
-                                        default=512)
-    max_prompt_tokens: int = _help("Drop instructions whose chat prompt is longer (the DPO recipe's 1800).",
-                                   default=1800)
+    max_instruction_tokens: int = _help(
+        "Token cap of an instruction; one that hits it is dropped as truncated.", default=512
+    )
+    max_prompt_tokens: int = _help(
+        "Drop instructions whose chat prompt is longer (the DPO recipe's 1800).", default=1800
+    )
     # Responses
     num_responses: int = _help("Responses per instruction (Magpie DPO: 5).", default=5)
     response_temperature: float = _help("Sampling temperature of responses (Magpie DPO: 0.8).", default=0.8)
     response_top_p: float = _help("Top-p of responses.", default=1.0)
     max_response_tokens: int = _help("Token cap of a response; its finish reason is then 'length'.", default=2048)
     # Rewards and pairs
-    reward_max_length: int | None = _help("Truncate reward inputs to this many tokens; default: the reward model's "
-                                          "maximum.", default=None)
+    reward_max_length: int | None = _help(
+        "Truncate reward inputs to this many tokens; default: the reward model's maximum.", default=None
+    )
     min_reward_margin: float = _help("Drop pairs whose chosen - rejected reward is below this.", default=0.0)
-    implicit_prompt: bool = _help("Write Magpie's published form: chosen/rejected are [user, assistant] and there "
-                                  "is no prompt column.", default=False)
+    implicit_prompt: bool = _help(
+        "Write Magpie's published form: chosen/rejected are [user, assistant] and there is no prompt column.",
+        default=False,
+    )
     # Engine, batching, processes, resume
-    engine: str = _help("Sampling engine: transformers, or vllm (GPU only, `pip install magpie-builder[vllm]`).",
-                        default="transformers")
+    engine: str = _help(
+        "Sampling engine: transformers, or vllm (GPU only, `pip install magpie-builder[vllm]`).",
+        default="transformers",
+    )
     tensor_parallel_size: int = _help("GPUs per vLLM engine (e.g. 4 or 8 for a 70B generator).", default=1)
-    shard_size: int = _help("Instructions per `Dataset.map` batch of the model stages: one generation queue, and the "
-                            "unit of resume (a crash redoes only unfinished shards).", default=256)
-    generation_batch_size: int = _help("Sequences sampled together by the transformers engine (continuous batching: a "
-                                       "finished one's row goes to the next waiting one). KV memory grows with it.",
-                                       default=64)
-    look_ahead: bool = _help("Start each shard's samples in the rows the previous shard's tail frees (transformers "
-                             "engine), instead of letting the batch empty at every shard's end: 21-42%% fewer decode "
-                             "steps in the benchmark, which pays where a step costs about the same at any batch size "
-                             "(GPUs; on CPU it is within noise). The samples have the same distribution, but a row's "
-                             "last bits then depend on the shard before it, so a resumed build can differ from an "
-                             "uninterrupted one in a rare token.", default=False)
+    shard_size: int = _help(
+        "Instructions per `Dataset.map` batch of the model stages: one generation queue, and the "
+        "unit of resume (a crash redoes only unfinished shards).",
+        default=256,
+    )
+    generation_batch_size: int = _help(
+        "Sequences sampled together by the transformers engine (continuous batching: a "
+        "finished one's row goes to the next waiting one). KV memory grows with it.",
+        default=64,
+    )
+    look_ahead: bool = _help(
+        "Start each shard's samples in the rows the previous shard's tail frees (transformers "
+        "engine), instead of letting the batch empty at every shard's end: 21-42%% fewer decode "
+        "steps in the benchmark, which pays where a step costs about the same at any batch size "
+        "(GPUs; on CPU it is within noise). The samples have the same distribution, but a row's "
+        "last bits then depend on the shard before it, so a resumed build can differ from an "
+        "uninterrupted one in a rare token.",
+        default=False,
+    )
     reward_batch_size: int = _help("Sequences per reward-model forward pass.", default=16)
     num_proc: int = _help("Worker processes for the model stages, one model each (one per GPU).", default=1)
-    resume: bool = _help("Keep every finished batch of the model stages and reuse it when the same build runs "
-                         "again (after a crash, say).", default=True)
-    cache_dir: str | None = _help("Where finished batches are kept; default $MAGPIE_BUILDER_CACHE/batches. Must be "
-                                  "shared by all nodes of a multi-node run.", default=None)
+    resume: bool = _help(
+        "Keep every finished batch of the model stages and reuse it when the same build runs "
+        "again (after a crash, say).",
+        default=True,
+    )
+    cache_dir: str | None = _help(
+        "Where finished batches are kept; default $MAGPIE_BUILDER_CACHE/batches. Must be "
+        "shared by all nodes of a multi-node run.",
+        default=None,
+    )
     # Output
     test_size: float = _help("Share of pairs in the test split (Magpie DPO: 0.02).", default=0.02)
     seed: int = _help("Seed of sampling and of the split; the same seed gives the same dataset.", default=42)
-    output_dir: str | None = _help("Folder to write: data/{split}-*.parquet, README.md, build config and summary.",
-                                   default=None)
+    output_dir: str | None = _help(
+        "Folder to write: data/{split}-*.parquet, README.md, build config and summary.", default=None
+    )
     save_to_disk: bool = _help("Also write `DatasetDict.save_to_disk` under output_dir/arrow.", default=False)
     # Card and Hub
     pretty_name: str | None = _help("Name shown on the dataset card.", default=None)
@@ -107,8 +147,17 @@ class BuildConfig:
         for name in ("generator_model", "reward_model"):
             if not getattr(self, name):
                 fail(name, "is not set", "Give a Hub id, a local folder, or tiny:<name> (e.g. tiny:chat-llama-3.1).")
-        for name in ("num_instructions", "max_instruction_tokens", "max_prompt_tokens", "max_response_tokens",
-                     "shard_size", "generation_batch_size", "reward_batch_size", "num_proc", "tensor_parallel_size"):
+        for name in (
+            "num_instructions",
+            "max_instruction_tokens",
+            "max_prompt_tokens",
+            "max_response_tokens",
+            "shard_size",
+            "generation_batch_size",
+            "reward_batch_size",
+            "num_proc",
+            "tensor_parallel_size",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(name, f"is {getattr(self, name)!r}", "Use a positive integer.")
         if self.num_responses < 2:
@@ -134,8 +183,11 @@ class BuildConfig:
         except (TypeError, ValueError):
             fail("chat_template_date", f"is {self.chat_template_date!r}", "Use a date as YYYY-MM-DD.")
         if self.system_prompt and self.pre_query_template:
-            fail("system_prompt", "is set together with pre_query_template",
-                 "Put the system prompt into the raw pre_query_template, or drop the override.")
+            fail(
+                "system_prompt",
+                "is set together with pre_query_template",
+                "Put the system prompt into the raw pre_query_template, or drop the override.",
+            )
         if self.push_to_hub and not self.repo_id:
             fail("repo_id", "is not set but push_to_hub is", "Give repo_id as user/name.")
         if isinstance(self.language, str):

@@ -144,8 +144,10 @@ def model_info(spec: ModelSpec, role: str) -> ModelInfo:
     eos_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
     tokenizer = load_tokenizer(spec)
     if role == "reward" and tokenizer.chat_template is None:
-        raise ValueError(f"The reward model {spec.name_or_path} has no chat template, so (instruction, response) "
-                         "pairs cannot be rendered the way it was trained. Use a reward model that ships one.")
+        raise ValueError(
+            f"The reward model {spec.name_or_path} has no chat template, so (instruction, response) "
+            "pairs cannot be rendered the way it was trained. Use a reward model that ships one."
+        )
     return ModelInfo(tokenizer, eos_ids, getattr(config, "_commit_hash", None) or spec.revision or "local")
 
 
@@ -161,8 +163,12 @@ def _load(spec: ModelSpec, rank: int | None, auto_class, role: str):
         torch.set_num_threads(int(os.environ.get("MAGPIE_CPU_THREADS", "1")))
     tokenizer = load_tokenizer(spec)  # the one `model_info` already loaded in this process
     model = auto_class.from_pretrained(
-        path, revision=spec.revision, trust_remote_code=spec.trust_remote_code, dtype=resolve_dtype(spec, device),
-        attn_implementation=spec.attn_implementation, device_map="auto" if device is None else None,
+        path,
+        revision=spec.revision,
+        trust_remote_code=spec.trust_remote_code,
+        dtype=resolve_dtype(spec, device),
+        attn_implementation=spec.attn_implementation,
+        device_map="auto" if device is None else None,
     )
     if device is not None:
         model = model.to(device)

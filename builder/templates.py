@@ -10,6 +10,7 @@ the tokenizer adds it.
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 
+
 SENTINEL = "MAGPIESENTINEL7f3a"
 SECOND_USER = "MAGPIESECONDUSER5c1d"
 ASSISTANT = "MAGPIEASSISTANT9b2e"
@@ -225,15 +226,19 @@ def derive_pre_query(
     prefix_messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
 
     def render_with(message: str) -> str:
-        return render_chat(tokenizer, prefix_messages + [{"role": "user", "content": message}], day=day,
-                           add_generation_prompt=False)
+        return render_chat(
+            tokenizer, prefix_messages + [{"role": "user", "content": message}], day=day, add_generation_prompt=False
+        )
 
     what = "a system prompt followed by a user message" if system_prompt else "a lone user message"
-    rendered = _render_or_explain(tokenizer, prefix_messages + [{"role": "user", "content": SENTINEL}],
-                                  model_name, day, what)
+    rendered = _render_or_explain(
+        tokenizer, prefix_messages + [{"role": "user", "content": SENTINEL}], model_name, day, what
+    )
     if SENTINEL not in rendered:
-        raise TemplateError(f"The chat template of {model_name} does not print the user's message; set "
-                            "`pre_query_template` to a raw string.")
+        raise TemplateError(
+            f"The chat template of {model_name} does not print the user's message; set "
+            "`pre_query_template` to a raw string."
+        )
     text = rendered[: rendered.index(SENTINEL)]
     if system_prompt and system_prompt not in text:
         raise TemplateError(
@@ -246,8 +251,10 @@ def derive_pre_query(
         header = _user_header(tokenizer, model_name, day, response_stop_ids[0])
         bos_text = tokenizer.bos_token if tokenizer.bos_token and text.startswith(tokenizer.bos_token) else ""
         if not header or not text.endswith(header):
-            raise TemplateError(f"Cannot find where the user turn starts in the chat template of {model_name}; "
-                                "set `keep_default_system: true` or a raw `pre_query_template`.")
+            raise TemplateError(
+                f"Cannot find where the user turn starts in the chat template of {model_name}; "
+                "set `keep_default_system: true` or a raw `pre_query_template`."
+            )
         bare = bos_text + header
         if bare != text:
             stripped = text[len(bos_text) : len(text) - len(header)]

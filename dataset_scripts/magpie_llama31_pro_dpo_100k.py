@@ -9,6 +9,7 @@ Every field of the recipe (the YAML beside this file) can be overridden on the c
 import sys
 from pathlib import Path
 
+
 RECIPE = Path(__file__).with_suffix(".yaml")
 
 

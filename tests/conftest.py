@@ -8,6 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MAGPIE_BUILDER_CACHE", str(ROOT / ".cache" / "magpie_builder"))
 _HF_HOME = tempfile.mkdtemp(prefix="magpie-test-hf-")
@@ -22,6 +23,7 @@ os.environ.pop("HF_TOKEN", None)
 # read HF_ENDPOINT at import: nothing can reach any other address.
 from hub_server import HubServer  # noqa: E402
 
+
 HUB_TOKENS = {"hf_test_alice_0123456789": "alice", "hf_test_bob_9876543210": "bob"}
 HUB = HubServer(Path(tempfile.mkdtemp(prefix="magpie-test-hub-")), HUB_TOKENS).__enter__()
 os.environ["HF_ENDPOINT"] = HUB.url
@@ -30,6 +32,7 @@ import pytest  # noqa: E402
 
 from builder.config import BuildConfig  # noqa: E402
 from builder.testing.tiny import resolve_model_path  # noqa: E402
+
 
 FAMILIES = ["llama-3", "llama-3.1", "qwen2.5", "gemma-2", "phi-3.5", "mistral"]
 

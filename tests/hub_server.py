@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
+
 TEXT_LIMIT = 10 * 1024 * 1024
 
 
@@ -78,7 +79,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def user(self) -> str | None:
         auth = self.headers.get("Authorization", "")
-        return self.state.tokens.get(auth[len("Bearer "):]) if auth.startswith("Bearer ") else None
+        return self.state.tokens.get(auth[len("Bearer ") :]) if auth.startswith("Bearer ") else None
 
     def base_url(self) -> str:
         return f"http://{self.headers['Host']}"
@@ -110,9 +111,15 @@ class Handler(BaseHTTPRequestHandler):
             user = self.user()
             if user is None:
                 return self.error(401, "Unauthorized", "Invalid credentials in Authorization header")
-            return self.reply(200, {"type": "user", "name": user, "orgs": [],
-                                    "auth": {"type": "access_token",
-                                             "accessToken": {"displayName": "test", "role": "write"}}})
+            return self.reply(
+                200,
+                {
+                    "type": "user",
+                    "name": user,
+                    "orgs": [],
+                    "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}},
+                },
+            )
         if path == "/api/validate-yaml":
             self.body()
             return self.reply(200, {"errors": [], "warnings": []})
@@ -159,9 +166,12 @@ class Handler(BaseHTTPRequestHandler):
             if repo_id in self.state.repos:
                 return self.error(409, "RepoExists", "You already created this dataset repo")
             private = bool(payload.get("private")) or payload.get("visibility") == "private"
-            self.state.repos[repo_id] = {"owner": owner, "private": private,
-                                         "branches": {"main": "0" * 40},
-                                         "commits": {"0" * 40: {"files": {}, "parent": None, "message": "init"}}}
+            self.state.repos[repo_id] = {
+                "owner": owner,
+                "private": private,
+                "branches": {"main": "0" * 40},
+                "commits": {"0" * 40: {"files": {}, "parent": None, "message": "init"}},
+            }
         return self.reply(200, {"url": f"{self.base_url()}/datasets/{repo_id}", "name": repo_id})
 
     def delete_repo(self, payload: dict):
@@ -177,12 +187,24 @@ class Handler(BaseHTTPRequestHandler):
         if found is None:
             return self.error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
         commit_id, files = found
-        return self.reply(200, {
-            "_id": repo_id, "id": repo_id, "author": repo["owner"], "sha": commit_id, "private": repo["private"],
-            "disabled": False, "gated": False, "downloads": 0, "likes": 0, "tags": [],
-            "lastModified": "2024-07-26T12:00:00.000Z", "createdAt": "2024-07-26T12:00:00.000Z",
-            "siblings": [{"rfilename": p} for p in sorted(files)],
-        })
+        return self.reply(
+            200,
+            {
+                "_id": repo_id,
+                "id": repo_id,
+                "author": repo["owner"],
+                "sha": commit_id,
+                "private": repo["private"],
+                "disabled": False,
+                "gated": False,
+                "downloads": 0,
+                "likes": 0,
+                "tags": [],
+                "lastModified": "2024-07-26T12:00:00.000Z",
+                "createdAt": "2024-07-26T12:00:00.000Z",
+                "siblings": [{"rfilename": p} for p in sorted(files)],
+            },
+        )
 
     def tree_entry(self, path: str, meta: dict) -> dict:
         entry = {"type": "file", "oid": meta["oid"], "size": meta["size"], "path": path}
@@ -196,7 +218,7 @@ class Handler(BaseHTTPRequestHandler):
         for path, meta in sorted(files.items()):
             if prefix and not path.startswith(prefix + "/"):
                 continue
-            rest = path[len(prefix) + 1:] if prefix else path
+            rest = path[len(prefix) + 1 :] if prefix else path
             if "/" in rest and not recursive:
                 folders.add((prefix + "/" if prefix else "") + rest.split("/")[0])
                 continue
@@ -207,8 +229,10 @@ class Handler(BaseHTTPRequestHandler):
             entries.append(self.tree_entry(path, meta))
         if prefix and not entries and not folders:
             return None
-        return [{"type": "directory", "oid": hashlib.sha1(f.encode()).hexdigest(), "size": 0, "path": f}
-                for f in sorted(folders)] + entries
+        return [
+            {"type": "directory", "oid": hashlib.sha1(f.encode()).hexdigest(), "size": 0, "path": f}
+            for f in sorted(folders)
+        ] + entries
 
     def repo_api(self, repo_id: str, rest: list[str], query: dict):
         if self.command == "POST" and rest and rest[0] == "branch":
@@ -230,8 +254,16 @@ class Handler(BaseHTTPRequestHandler):
         if kind == "revision":
             return self.repo_info(repo_id, repo, revision)
         if kind == "refs":
-            return self.reply(200, {"branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c}
-                                                 for b, c in repo["branches"].items()], "tags": [], "converts": []})
+            return self.reply(
+                200,
+                {
+                    "branches": [
+                        {"name": b, "ref": f"refs/heads/{b}", "targetCommit": c} for b, c in repo["branches"].items()
+                    ],
+                    "tags": [],
+                    "converts": [],
+                },
+            )
         found = self.state.files_at(repo, revision)
         if found is None:
             return self.error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
@@ -253,8 +285,9 @@ class Handler(BaseHTTPRequestHandler):
                 if p in files:
                     out.append(self.tree_entry(p, files[p]))
                 elif any(f.startswith(p.rstrip("/") + "/") for f in files):
-                    out.append({"type": "directory", "oid": hashlib.sha1(p.encode()).hexdigest(), "size": 0,
-                                "path": p})
+                    out.append(
+                        {"type": "directory", "oid": hashlib.sha1(p.encode()).hexdigest(), "size": 0, "path": p}
+                    )
             return self.reply(200, out)
         if kind == "preupload":
             payload = json.loads(self.body())
@@ -262,9 +295,14 @@ class Handler(BaseHTTPRequestHandler):
             for item in payload["files"]:
                 sample = base64.b64decode(item.get("sample", ""))
                 binary = b"\0" in sample or item["path"].endswith((".parquet", ".png", ".arrow"))
-                out.append({"path": item["path"], "uploadMode": "lfs" if binary or item["size"] > TEXT_LIMIT
-                            else "regular", "shouldIgnore": False,
-                            "oid": files[item["path"]]["oid"] if item["path"] in files else None})
+                out.append(
+                    {
+                        "path": item["path"],
+                        "uploadMode": "lfs" if binary or item["size"] > TEXT_LIMIT else "regular",
+                        "shouldIgnore": False,
+                        "oid": files[item["path"]]["oid"] if item["path"] in files else None,
+                    }
+                )
             return self.reply(200, {"files": out, "commitOid": commit_id})
         if kind == "commit":
             return self.commit(repo_id, repo, revision)
@@ -300,26 +338,45 @@ class Handler(BaseHTTPRequestHandler):
                 key, value = line["key"], line["value"]
                 if key == "file":
                     content = base64.b64decode(value["content"])
-                    files[value["path"]] = {"oid": git_blob_oid(content), "size": len(content), "lfs": False,
-                                            "sha256": self.state.store(content)}
+                    files[value["path"]] = {
+                        "oid": git_blob_oid(content),
+                        "size": len(content),
+                        "lfs": False,
+                        "sha256": self.state.store(content),
+                    }
                 elif key == "lfsFile":
                     if not self.state.blob_path(value["oid"]).exists():
                         return self.error(400, "LfsNotUploaded", f"LFS object {value['oid']} was not uploaded")
-                    pointer = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{value['oid']}\n"
-                               f"size {value['size']}\n").encode()
-                    files[value["path"]] = {"oid": git_blob_oid(pointer), "size": value["size"], "lfs": True,
-                                            "sha256": value["oid"]}
+                    pointer = (
+                        f"version https://git-lfs.github.com/spec/v1\noid sha256:{value['oid']}\n"
+                        f"size {value['size']}\n"
+                    ).encode()
+                    files[value["path"]] = {
+                        "oid": git_blob_oid(pointer),
+                        "size": value["size"],
+                        "lfs": True,
+                        "sha256": value["oid"],
+                    }
                 elif key == "deletedFile":
                     files.pop(value["path"], None)
                 elif key == "deletedFolder":
                     prefix = value["path"].rstrip("/") + "/"
                     files = {p: m for p, m in files.items() if not p.startswith(prefix)}
-            commit_id = hashlib.sha1(json.dumps([parent, header.get("summary"), sorted(
-                (p, m["oid"]) for p, m in files.items()), time.time_ns()]).encode()).hexdigest()
+            commit_id = hashlib.sha1(
+                json.dumps(
+                    [parent, header.get("summary"), sorted((p, m["oid"]) for p, m in files.items()), time.time_ns()]
+                ).encode()
+            ).hexdigest()
             repo["commits"][commit_id] = {"files": files, "parent": parent, "message": header.get("summary")}
             repo["branches"][revision] = commit_id
-        return self.reply(200, {"success": True, "commitOid": commit_id,
-                                "commitUrl": f"{self.base_url()}/datasets/{repo_id}/commit/{commit_id}"})
+        return self.reply(
+            200,
+            {
+                "success": True,
+                "commitOid": commit_id,
+                "commitUrl": f"{self.base_url()}/datasets/{repo_id}/commit/{commit_id}",
+            },
+        )
 
     def resolve(self, repo_id: str, revision: str, path: str):
         repo = self.repo(repo_id)
@@ -339,13 +396,13 @@ class Handler(BaseHTTPRequestHandler):
             headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(meta["size"])})
         byte_range = self.headers.get("Range")
         if byte_range and byte_range.startswith("bytes="):
-            start_text, _, end_text = byte_range[len("bytes="):].partition("-")
+            start_text, _, end_text = byte_range[len("bytes=") :].partition("-")
             if start_text == "":
                 start, end = max(0, len(content) - int(end_text)), len(content) - 1
             else:
                 start, end = int(start_text), min(int(end_text) if end_text else len(content) - 1, len(content) - 1)
             headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
-            return self.reply(206, content[start:end + 1], headers, "application/octet-stream")
+            return self.reply(206, content[start : end + 1], headers, "application/octet-stream")
         return self.reply(200, content, headers, "application/octet-stream")
 
 

@@ -9,7 +9,9 @@ from builder.build import build
 from builder.cli import main as cli_main
 from builder.config import BuildConfig, parse_config
 from builder.publish.folder import write_folder
+
 from conftest import ROOT, small_config
+
 
 DEMO = str(ROOT / "dataset_scripts" / "demo.yaml")
 SEED_RECIPE = ROOT / "dataset_scripts" / "magpie_llama31_pro_dpo_100k.yaml"
@@ -22,8 +24,9 @@ def rows(dataset_dict):
 @pytest.fixture(scope="module")
 def demo_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo")
-    assert cli_main(["--config", DEMO, "--output_dir", str(folder), "--num_instructions", "32",
-                     "--resume", "false"]) == 0
+    assert (
+        cli_main(["--config", DEMO, "--output_dir", str(folder), "--num_instructions", "32", "--resume", "false"]) == 0
+    )
     return folder
 
 
@@ -57,8 +60,10 @@ def test_output_is_trl_conversational_preference_data(demo_folder):
         assert len(row["responses"]) == 5 == len(row["rewards"]) == len(row["response_finish_reasons"])
         assert row["chosen"][0]["content"] == row["responses"][row["rewards"].index(max(row["rewards"]))]
         assert row["rejected"][0]["content"] == row["responses"][row["rewards"].index(min(row["rewards"]))]
-        assert row["reward_margin"] == pytest.approx(row["chosen_score"] - row["rejected_score"]) and \
-            row["reward_margin"] > 0
+        assert (
+            row["reward_margin"] == pytest.approx(row["chosen_score"] - row["rejected_score"])
+            and row["reward_margin"] > 0
+        )
         assert row["gen_input_configs"]["input_generator"] == "tiny:chat-llama-3.1"
         assert row["gen_response_configs"]["temperature"] == 0.8
         assert row["reward_model"] == "tiny:reward-armo"
@@ -178,15 +183,34 @@ def test_seed_recipe_script_runs_on_tiny_models(tmp_path):
     spec = importlib.util.spec_from_file_location("recipe", SEED_RECIPE.with_suffix(".py"))
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    overrides = ["--generator_model", "tiny:chat-llama-3.1", "--reward_model", "tiny:reward-armo",
-                 "--num_instructions", "12", "--max_instruction_tokens", "48", "--max_response_tokens", "24",
-                 "--device", "cpu", "--dtype", "float32", "--test_size", "0.2", "--output_dir", str(tmp_path)]
+    overrides = [
+        "--generator_model",
+        "tiny:chat-llama-3.1",
+        "--reward_model",
+        "tiny:reward-armo",
+        "--num_instructions",
+        "12",
+        "--max_instruction_tokens",
+        "48",
+        "--max_response_tokens",
+        "24",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--test_size",
+        "0.2",
+        "--output_dir",
+        str(tmp_path),
+    ]
     assert recipe.main(overrides) == 0
     loaded = load_dataset(str(tmp_path))
     assert sum(len(s) for s in loaded.values()) > 0
     # The recipe strips Llama-3.1's default system block, as Magpie did.
-    assert loaded["train"][0]["gen_input_configs"]["pre_query_template"] == \
-        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+    assert (
+        loaded["train"][0]["gen_input_configs"]["pre_query_template"]
+        == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+    )
 
 
 def test_dpo_trainer_runs_two_steps_on_the_built_train_split(demo_folder, tmp_path, tiny_model):
@@ -197,9 +221,19 @@ def test_dpo_trainer_runs_two_steps_on_the_built_train_split(demo_folder, tmp_pa
     path = tiny_model("chat-llama-3.1")
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    args = DPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
-                     beta=0.01, max_length=512, bf16=False, use_cpu=True, report_to=[], logging_steps=1,
-                     save_strategy="no")
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        beta=0.01,
+        max_length=512,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+    )
     trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     result = trainer.train()
     assert trainer.state.global_step == 2

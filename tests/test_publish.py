@@ -13,7 +13,9 @@ from builder.build import build
 from builder.publish.card import PLOT_FILE, render_card
 from builder.publish.folder import write_folder
 from builder.publish.hub import PushError, push_to_hub
+
 from conftest import HUB_TOKENS, small_config
+
 
 ALICE = "hf_test_alice_0123456789"
 
@@ -61,10 +63,17 @@ def test_card_contents(result, tmp_path):
     assert meta["license"] == "other" and meta["task_categories"] == ["text-generation"]
     assert set(meta["tags"]) >= {"dpo", "preference", "synthetic", "magpie", "trl"}
     assert meta["size_categories"] == ["n<1K"] and meta["pretty_name"] == "Tiny Magpie DPO"
-    assert meta["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*"},
-                                               {"split": "test", "path": "data/test-*"}]
-    assert [f["name"] for f in meta["dataset_info"]["features"]][:5] == ["uuid", "instruction", "prompt", "chosen",
-                                                                          "rejected"]
+    assert meta["configs"][0]["data_files"] == [
+        {"split": "train", "path": "data/train-*"},
+        {"split": "test", "path": "data/test-*"},
+    ]
+    assert [f["name"] for f in meta["dataset_info"]["features"]][:5] == [
+        "uuid",
+        "instruction",
+        "prompt",
+        "chosen",
+        "rejected",
+    ]
     body = card.text
     assert "Conversational · Preference · explicit prompt" in body
     assert "`tiny:chat-llama-3.1`" in body and "`tiny:reward-armo`" in body
@@ -75,8 +84,9 @@ def test_card_contents(result, tmp_path):
     assert "accelerate launch --config_file training/accelerate_configs/multi_gpu.yaml training/dpo.py" in body
     assert "xu2024magpie" in body and "vonwerra2022trl" in body
     assert "wang2024interpretable" not in body  # the tiny stand-in is not ArmoRM
-    armo = dataclasses.replace(result, config=dataclasses.replace(result.config,
-                                                                 reward_model="RLHFlow/ArmoRM-Llama3-8B-v0.1"))
+    armo = dataclasses.replace(
+        result, config=dataclasses.replace(result.config, reward_model="RLHFlow/ArmoRM-Llama3-8B-v0.1")
+    )
     assert "wang2024interpretable" in str(render_card(armo))
     config_in_card = yaml.safe_load(body.split("```yaml\n", 1)[1].split("```", 1)[0])
     assert config_in_card == yaml.safe_load((folder / "build_config.yaml").read_text())
@@ -105,14 +115,26 @@ def test_push_then_load_dataset_by_repo_id(result, hub, tmp_path, caplog, capsys
     assert rows(loaded) == rows(result.dataset)
     files = hub.files("alice/tiny-dpo")
     assert {"README.md", PLOT_FILE, "build_config.yaml", "build_summary.json"} <= set(files)
-    assert all(hub.state.repos["alice/tiny-dpo"]["commits"][hub.head("alice/tiny-dpo")]["files"][p]["lfs"]
-               for p in files if p.endswith(".parquet"))  # shards went through LFS
+    assert all(
+        hub.state.repos["alice/tiny-dpo"]["commits"][hub.head("alice/tiny-dpo")]["files"][p]["lfs"]
+        for p in files
+        if p.endswith(".parquet")
+    )  # shards went through LFS
     card = DatasetCard(files["README.md"].decode())
     meta = card.data.to_dict()
     assert meta["configs"][0]["config_name"] == "default"
-    assert meta["dataset_info"]["splits"] == [{"name": "train", "num_bytes": meta["dataset_info"]["splits"][0][
-        "num_bytes"], "num_examples": len(result.dataset["train"])}, {"name": "test", "num_bytes": meta[
-            "dataset_info"]["splits"][1]["num_bytes"], "num_examples": len(result.dataset["test"])}]
+    assert meta["dataset_info"]["splits"] == [
+        {
+            "name": "train",
+            "num_bytes": meta["dataset_info"]["splits"][0]["num_bytes"],
+            "num_examples": len(result.dataset["train"]),
+        },
+        {
+            "name": "test",
+            "num_bytes": meta["dataset_info"]["splits"][1]["num_bytes"],
+            "num_examples": len(result.dataset["test"]),
+        },
+    ]
     assert "## Pipeline accounting" in card.text and 'load_dataset("alice/tiny-dpo")' in card.text
     # The local folder got the very card the Hub has.
     assert (tmp_path / "README.md").read_bytes() == files["README.md"]
@@ -201,8 +223,22 @@ def test_unreachable_server_is_a_clear_error(result, hub, monkeypatch):
 def test_cli_pushes_and_prints_the_url(hub, tmp_path, capsys):
     from builder.cli import main
 
-    assert main(["--config", "dataset_scripts/demo.yaml", "--num_instructions", "12", "--output_dir",
-                 str(tmp_path), "--push_to_hub", "--repo_id", "alice/demo"]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                "dataset_scripts/demo.yaml",
+                "--num_instructions",
+                "12",
+                "--output_dir",
+                str(tmp_path),
+                "--push_to_hub",
+                "--repo_id",
+                "alice/demo",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"Dataset pushed to {hub.url}/datasets/alice/demo"
     assert load_dataset("alice/demo")["train"].num_rows == load_dataset(str(tmp_path))["train"].num_rows
 

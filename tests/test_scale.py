@@ -12,7 +12,9 @@ from datasets import load_dataset
 
 from builder.build import build
 from builder.config import BuildConfig
+
 from conftest import ROOT, free_port, same_rows, small_config
+
 
 BIN = Path(sys.executable).parent
 DEMO = str(ROOT / "dataset_scripts" / "demo.yaml")
@@ -26,6 +28,7 @@ def env():
     return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 
+@pytest.mark.slow  # subprocesses
 def test_num_proc_workers_give_every_row_exactly_once():
     one = build(small_config(num_instructions=30))
     two = build(small_config(num_instructions=30, num_proc=2))
@@ -36,8 +39,10 @@ def test_num_proc_workers_give_every_row_exactly_once():
 
 def test_batch_and_shard_sizes_do_not_change_the_rows():
     # 3 sequences at a time in shards of 5 refills rows constantly; 32 in one shard of 24 never refills.
-    assert same_rows(build(small_config(shard_size=5, generation_batch_size=3)).dataset,
-                     build(small_config(shard_size=24, generation_batch_size=32)).dataset)
+    assert same_rows(
+        build(small_config(shard_size=5, generation_batch_size=3)).dataset,
+        build(small_config(shard_size=24, generation_batch_size=32)).dataset,
+    )
 
 
 def test_look_ahead_carries_each_shard_into_the_next_and_keeps_every_row(monkeypatch):
@@ -65,13 +70,41 @@ def test_look_ahead_carries_each_shard_into_the_next_and_keeps_every_row(monkeyp
     assert generation._carried is None
 
 
+@pytest.mark.slow  # subprocesses
 def test_two_processes_under_accelerate_merge_to_the_one_process_dataset(tmp_path):
-    args = ["--config", DEMO, "--num_instructions", "40", "--test_size", "0.1", "--resume", "false",
-            "--cache_dir", str(tmp_path / "cache")]
+    args = [
+        "--config",
+        DEMO,
+        "--num_instructions",
+        "40",
+        "--test_size",
+        "0.1",
+        "--resume",
+        "false",
+        "--cache_dir",
+        str(tmp_path / "cache"),
+    ]
     done = subprocess.run(
-        [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
-         "-m", "builder.cli", *args, "--output_dir", str(tmp_path / "two")],
-        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+        [
+            str(BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "builder.cli",
+            *args,
+            "--output_dir",
+            str(tmp_path / "two"),
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert not (tmp_path / "two" / "rank1").exists()
     from builder.config import parse_config
@@ -82,15 +115,30 @@ def test_two_processes_under_accelerate_merge_to_the_one_process_dataset(tmp_pat
     assert parts, "each rank wrote its own part"
 
 
+@pytest.mark.slow  # subprocesses
 def test_kill_dash_nine_mid_stage_then_resume(tmp_path):
     cache, output = tmp_path / "cache", tmp_path / "out"
-    command = [str(BIN / "magpie-build"), "--config", DEMO, "--num_instructions", "160", "--shard_size",
-               "4", "--max_response_tokens", "96", "--test_size", "0.05", "--cache_dir", str(cache), "--output_dir",
-               str(output)]
+    command = [
+        str(BIN / "magpie-build"),
+        "--config",
+        DEMO,
+        "--num_instructions",
+        "160",
+        "--shard_size",
+        "4",
+        "--max_response_tokens",
+        "96",
+        "--test_size",
+        "0.05",
+        "--cache_dir",
+        str(cache),
+        "--output_dir",
+        str(output),
+    ]
     process = subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
-        done = [p for p in cache.glob("responses-*/*.json")]
+        done = list(cache.glob("responses-*/*.json"))
         if len(done) >= 3:
             os.kill(process.pid, signal.SIGKILL)
             break
@@ -106,8 +154,9 @@ def test_kill_dash_nine_mid_stage_then_resume(tmp_path):
     reused = int(again.stderr.split("Generating responses: reused ")[1].split(" ")[0])
     assert reused >= 4 * finished_before - 4  # whole batches of 4, the last one may be cut short by filters
 
-    config = BuildConfig(**(dict(__import__("yaml").safe_load((output / "build_config.yaml").read_text()),
-                                 resume=False)))
+    config = BuildConfig(
+        **(dict(__import__("yaml").safe_load((output / "build_config.yaml").read_text()), resume=False))
+    )
     assert same_rows(load_dataset(str(output)), build(config).dataset)
 
 
@@ -124,8 +173,18 @@ def test_a_changed_config_never_reuses_stale_work(tmp_path):
 
 def _record_batches(batch, indices, rank, *, next_batch):
     upcoming = next_batch.after(indices, rank)
-    return {"seen": [[rank if rank is not None else -1, indices[0], len(indices),
-                      upcoming["i"][0] if upcoming else -1, len(upcoming["i"]) if upcoming else 0]] * len(indices)}
+    return {
+        "seen": [
+            [
+                rank if rank is not None else -1,
+                indices[0],
+                len(indices),
+                upcoming["i"][0] if upcoming else -1,
+                len(upcoming["i"]) if upcoming else 0,
+            ]
+        ]
+        * len(indices)
+    }
 
 
 @pytest.mark.parametrize("num_proc", [None, 2])
@@ -135,15 +194,22 @@ def test_next_batch_is_the_batch_map_hands_the_same_worker_next(num_proc):
     from builder.pipeline.resume import NextBatch
 
     rows = Dataset.from_dict({"i": list(range(23))})
-    mapped = rows.map(_record_batches, batched=True, batch_size=5, with_indices=True, with_rank=True,
-                      num_proc=num_proc, fn_kwargs={"next_batch": NextBatch(rows, 5, num_proc)})
+    mapped = rows.map(
+        _record_batches,
+        batched=True,
+        batch_size=5,
+        with_indices=True,
+        with_rank=True,
+        num_proc=num_proc,
+        fn_kwargs={"next_batch": NextBatch(rows, 5, num_proc)},
+    )
     calls = sorted({tuple(s) for s in mapped["seen"]}, key=lambda c: c[1])
     by_worker = {}
     for rank, first, size, next_first, next_size in calls:
         by_worker.setdefault(rank, []).append((first, size, next_first, next_size))
     assert len(by_worker) == (num_proc or 1)
     for batches in by_worker.values():
-        for (first, size, next_first, next_size), following in zip(batches, batches[1:] + [None]):
+        for (_first, _size, next_first, next_size), following in zip(batches, batches[1:] + [None]):
             # Each batch's look-ahead is exactly the next batch this worker got, and the last one has none.
             assert (next_first, next_size) == ((following[0], following[1]) if following else (-1, 0))
     assert sorted(i for _, first, size, _, _ in calls for i in range(first, first + size)) == list(range(23))

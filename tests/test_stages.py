@@ -7,7 +7,9 @@ from builder.engines import SamplingParams
 from builder.models import ModelSpec, load_reward_model
 from builder.sources import magpie
 from builder.stages import filters, pairs, responses, rewards
+
 from conftest import small_config
+
 
 GENERATOR = ModelSpec("tiny:chat-llama-3.1")
 ARMO = ModelSpec("tiny:reward-armo", trust_remote_code=True)
@@ -17,9 +19,12 @@ def instruction_batch(config, count=6):
     generator, _ = model_specs(config)
     pre_query = pre_query_of(config, generator)
     settings = magpie.InstructionSettings(
-        tuple(pre_query.token_ids), pre_query.text,
-        SamplingParams(1.0, 1.0, config.max_instruction_tokens, tuple(pre_query.instruction_stop_ids)), config.seed,
-        "local")
+        tuple(pre_query.token_ids),
+        pre_query.text,
+        SamplingParams(1.0, 1.0, config.max_instruction_tokens, tuple(pre_query.instruction_stop_ids)),
+        config.seed,
+        "local",
+    )
     batch = {"uuid": magpie.make_uuids(config.seed, count)}
     return batch | magpie.generate_instructions(batch, None, generator=generator, settings=settings)
 
@@ -44,8 +49,11 @@ def user(text):
 
 def test_prompt_filter_reasons():
     texts = ["", "Write a poem.", "Write a poem about " + "the sea " * 40, "Explain it."]
-    batch = {"instruction": texts, "instruction_finish_reason": ["stop", "length", "stop", "stop"],
-             "prompt": [user(t) for t in texts]}
+    batch = {
+        "instruction": texts,
+        "instruction_finish_reason": ["stop", "length", "stop", "stop"],
+        "prompt": [user(t) for t in texts],
+    }
     settings = filters.PromptFilterSettings(max_prompt_tokens=100, day="2024-07-26")
     out = filters.filter_prompts(batch, generator=GENERATOR, settings=settings)
     assert out["drop_reason"] == ["empty", "truncated", "prompt_too_long", ""]
@@ -59,8 +67,9 @@ def test_mark_duplicates_after_normalisation():
 
 def test_response_stage_shares_prefill_and_records_configs():
     batch = {"uuid": ["a", "b"], "prompt": [user("Write a poem."), user("Hi")]}
-    settings = responses.ResponseSettings(SamplingParams(0.8, 1.0, 12, (1022,)), 3, seed=1, generator_revision="local",
-                                          day="2024-07-26")
+    settings = responses.ResponseSettings(
+        SamplingParams(0.8, 1.0, 12, (1022,)), 3, seed=1, generator_revision="local", day="2024-07-26"
+    )
     out = responses.generate_responses(batch, None, generator=GENERATOR, settings=settings)
     assert [len(r) for r in out["responses"]] == [3, 3]
     assert all(len(r) == 3 for r in out["response_finish_reasons"] + out["response_tokens"])
@@ -70,8 +79,10 @@ def test_response_stage_shares_prefill_and_records_configs():
 
 @pytest.mark.parametrize("reward", [ModelSpec("tiny:reward"), ARMO])
 def test_reward_stage_with_both_model_kinds(reward):
-    batch = {"prompt": [user("Write a poem."), user("Explain gravity.")],
-             "responses": [["Roses are red.", "No.", "A poem"], ["Mass attracts mass.", "It pulls.", "?"]]}
+    batch = {
+        "prompt": [user("Write a poem."), user("Explain gravity.")],
+        "responses": [["Roses are red.", "No.", "A poem"], ["Mass attracts mass.", "It pulls.", "?"]],
+    }
     settings = rewards.RewardSettings(None, "2024-07-26", "local")
     out = rewards.score_responses(batch, None, reward=reward, settings=settings, batch_size=4)
     assert [len(r) for r in out["rewards"]] == [3, 3]
@@ -79,8 +90,13 @@ def test_reward_stage_with_both_model_kinds(reward):
     assert all(math.isfinite(r) for r in flat) and len(set(flat)) == 6
     assert out["reward_inputs_truncated"] == [0, 0]
     # Batching does not change a score.
-    one = rewards.score_responses({"prompt": [user("Write a poem.")], "responses": [["No."]]}, None, reward=reward,
-                                  settings=settings, batch_size=1)
+    one = rewards.score_responses(
+        {"prompt": [user("Write a poem.")], "responses": [["No."]]},
+        None,
+        reward=reward,
+        settings=settings,
+        batch_size=1,
+    )
     assert one["rewards"][0][0] == pytest.approx(out["rewards"][0][1], abs=1e-4)
 
 
@@ -98,8 +114,9 @@ def test_custom_code_reward_model_needs_the_opt_in():
 def scored(reward_name, responses):
     batch = {"prompt": [user("Write a poem.")] * len(responses), "responses": responses}
     spec = ModelSpec(f"tiny:{reward_name}", trust_remote_code=True)
-    return batch | rewards.score_responses(batch, None, reward=spec,
-                                           settings=rewards.RewardSettings(None, "2024-07-26", "local"))
+    return batch | rewards.score_responses(
+        batch, None, reward=spec, settings=rewards.RewardSettings(None, "2024-07-26", "local")
+    )
 
 
 def binarize_reasons(batch, margin=0.0):
@@ -133,8 +150,10 @@ def test_binarize_choice_and_other_drop_reasons():
     assert out["reward_margin"] == pytest.approx(0.8)
     implicit = pairs.binarize_example(example, settings=pairs.BinarizeSettings(0.0, implicit_prompt=True))
     assert implicit["chosen"] == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "high"}]
-    assert pairs.binarize_example(example, settings=pairs.BinarizeSettings(0.9, False))["drop_reason"] \
+    assert (
+        pairs.binarize_example(example, settings=pairs.BinarizeSettings(0.9, False))["drop_reason"]
         == "margin_below_min"
+    )
     same = {"prompt": user("Q"), "responses": ["x", "x", "x"], "rewards": [0.1, 0.2, 0.3]}
     assert pairs.binarize_example(same, settings=explicit)["drop_reason"] == "fewer_than_two_distinct_responses"
 
@@ -144,34 +163,56 @@ def test_a_multi_message_prompt_is_answered_and_scored_as_the_whole_conversation
     from builder.models import load_tokenizer
     from builder.templates import render_chat
 
-    conversation = [{"role": "system", "content": "Be brief."}, *user("Name a colour."),
-                    {"role": "assistant", "content": "Blue."}, *user("Another one?")]
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        *user("Name a colour."),
+        {"role": "assistant", "content": "Blue."},
+        *user("Another one?"),
+    ]
     fed = []
     sample = responses.sample_completions
-    monkeypatch.setattr(responses, "sample_completions", lambda spec, rank, prompts, *a, **k: fed.append(prompts)
-                        or sample(spec, rank, prompts, *a, **k))
-    settings = responses.ResponseSettings(SamplingParams(0.8, 1.0, 6, (1022,)), 2, seed=1, generator_revision="local",
-                                          day="2024-07-26")
-    out = responses.generate_responses({"uuid": ["a", "b"], "prompt": [conversation, user("Another one?")]}, None,
-                                       generator=GENERATOR, settings=settings)
+    monkeypatch.setattr(
+        responses,
+        "sample_completions",
+        lambda spec, rank, prompts, *a, **k: fed.append(prompts) or sample(spec, rank, prompts, *a, **k),
+    )
+    settings = responses.ResponseSettings(
+        SamplingParams(0.8, 1.0, 6, (1022,)), 2, seed=1, generator_revision="local", day="2024-07-26"
+    )
+    out = responses.generate_responses(
+        {"uuid": ["a", "b"], "prompt": [conversation, user("Another one?")]},
+        None,
+        generator=GENERATOR,
+        settings=settings,
+    )
     assert [len(r) for r in out["responses"]] == [2, 2]
     tokenizer = load_tokenizer(GENERATOR)
     text = render_chat(tokenizer, conversation, add_generation_prompt=True, day="2024-07-26")
     assert "Be brief." in text and "Blue." in text
     assert fed[0][0] == tokenizer(text, add_special_tokens=False)["input_ids"]  # the whole conversation, one BOS
     assert len(fed[0][0]) > len(fed[0][1])
-    scored = rewards.score_responses({"prompt": [conversation, user("Another one?")],
-                                      "responses": [["Red."], ["Red."]]}, None, reward=ModelSpec("tiny:reward"),
-                                     settings=rewards.RewardSettings(None, "2024-07-26", "local"))
+    scored = rewards.score_responses(
+        {"prompt": [conversation, user("Another one?")], "responses": [["Red."], ["Red."]]},
+        None,
+        reward=ModelSpec("tiny:reward"),
+        settings=rewards.RewardSettings(None, "2024-07-26", "local"),
+    )
     assert scored["rewards"][0] != scored["rewards"][1]
-    chosen = pairs.binarize_example({"prompt": conversation, "responses": ["a", "b"], "rewards": [1.0, 0.0]},
-                                    settings=pairs.BinarizeSettings(0.0, implicit_prompt=True))["chosen"]
+    chosen = pairs.binarize_example(
+        {"prompt": conversation, "responses": ["a", "b"], "rewards": [1.0, 0.0]},
+        settings=pairs.BinarizeSettings(0.0, implicit_prompt=True),
+    )["chosen"]
     assert chosen == [*conversation, {"role": "assistant", "content": "a"}]
 
 
 def test_every_row_is_accounted_for_in_a_build_with_drops():
-    config = small_config(generator_model="tiny:chat-llama-3", num_instructions=60, max_instruction_tokens=30,
-                          max_prompt_tokens=30, min_reward_margin=0.05)
+    config = small_config(
+        generator_model="tiny:chat-llama-3",
+        num_instructions=60,
+        max_instruction_tokens=30,
+        max_prompt_tokens=30,
+        min_reward_margin=0.05,
+    )
     result = build(config)
     ledger = result.ledger
     for record in ledger.stages:
@@ -191,5 +232,7 @@ def test_every_row_is_accounted_for_in_a_build_with_drops():
 
 def test_a_build_where_every_instruction_is_dropped_says_why():
     config = small_config(generator_model="tiny:chat-llama-3", max_prompt_tokens=2)
-    with pytest.raises(ValueError, match="No rows survived the filter stage.*prompt_too_long.*raise max_instruction_tokens"):
+    with pytest.raises(
+        ValueError, match="No rows survived the filter stage.*prompt_too_long.*raise max_instruction_tokens"
+    ):
         build(config)

@@ -12,7 +12,9 @@ from builder.templates import (
     encode_chat_text,
     render_chat,
 )
+
 from conftest import FAMILIES
+
 
 TEMPLATE_DIR = resources.files("builder.testing").joinpath("chat_templates")
 TEMPLATE_FILES = sorted(p.name for p in TEMPLATE_DIR.iterdir() if p.name.endswith(".json"))
@@ -44,8 +46,9 @@ def test_pre_query_text_of_every_real_template(tiny_model, template_file):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model("chat-llama-3"))
     tokenizer.chat_template = data["chat_template"]
     tokenizer.bos_token, tokenizer.eos_token = data["bos_token"], data["eos_token"]
-    rendered = render_chat(tokenizer, [{"role": "user", "content": SENTINEL}], add_generation_prompt=False,
-                           day="2024-07-26")
+    rendered = render_chat(
+        tokenizer, [{"role": "user", "content": SENTINEL}], add_generation_prompt=False, day="2024-07-26"
+    )
     assert rendered[: rendered.index(SENTINEL)] == data["expected_pre_query"]
 
 
@@ -53,8 +56,9 @@ def test_pre_query_text_of_every_real_template(tiny_model, template_file):
 def test_pre_query_ids_are_token_exact_with_one_bos(tiny_model, family):
     tokenizer, eos = load_family(tiny_model, family)
     pre_query = derive(tokenizer, eos)
-    chat = render_chat(tokenizer, [{"role": "user", "content": "Hello, how are you?"}], add_generation_prompt=True,
-                       day="2024-07-26")
+    chat = render_chat(
+        tokenizer, [{"role": "user", "content": "Hello, how are you?"}], add_generation_prompt=True, day="2024-07-26"
+    )
     real_ids = encode_chat_text(tokenizer, chat)
     # The ids the generator is fed are exactly the first ids of a real chat.
     assert real_ids[: len(pre_query.token_ids)] == pre_query.token_ids
@@ -135,9 +139,12 @@ def test_custom_system_prompt(tiny_model, family):
     pre_query = derive(tokenizer, eos, system_prompt="You are a math tutor.")
     assert "You are a math tutor." in pre_query.text
     assert "You are Qwen" not in pre_query.text
-    chat = render_chat(tokenizer, [{"role": "system", "content": "You are a math tutor."},
-                                   {"role": "user", "content": "Hello, how are you?"}],
-                       add_generation_prompt=True, day="2024-07-26")
+    chat = render_chat(
+        tokenizer,
+        [{"role": "system", "content": "You are a math tutor."}, {"role": "user", "content": "Hello, how are you?"}],
+        add_generation_prompt=True,
+        day="2024-07-26",
+    )
     assert encode_chat_text(tokenizer, chat)[: len(pre_query.token_ids)] == pre_query.token_ids
 
 

@@ -11,7 +11,9 @@ import yaml
 from safetensors.torch import load_file
 
 from builder.cli import main as build_main
+
 from conftest import ROOT, free_port
+
 
 TRAINING = ROOT / "training"
 SEED_RECIPE = TRAINING / "recipes" / "llama-3.1-8b-magpie-dpo" / "config_full.yaml"
@@ -28,8 +30,18 @@ import validate  # noqa: E402
 @pytest.fixture(scope="module")
 def dataset_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("built")
-    build_main(["--config", str(ROOT / "dataset_scripts" / "demo.yaml"), "--num_instructions", "40",
-                "--test_size", "0.2", "--output_dir", str(folder)])
+    build_main(
+        [
+            "--config",
+            str(ROOT / "dataset_scripts" / "demo.yaml"),
+            "--num_instructions",
+            "40",
+            "--test_size",
+            "0.2",
+            "--output_dir",
+            str(folder),
+        ]
+    )
     return folder
 
 
@@ -64,8 +76,11 @@ def test_seed_recipe_values_are_the_published_ones():
 @pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda p: p.stem)
 def test_accelerate_configs(config):
     raw = yaml.safe_load(config.read_text())
-    expected = {"multi_gpu": ("MULTI_GPU", 8, "bf16"), "deepspeed_zero3": ("DEEPSPEED", 8, "bf16"),
-                "cpu_ddp": ("MULTI_GPU", 2, "no")}[config.stem]
+    expected = {
+        "multi_gpu": ("MULTI_GPU", 8, "bf16"),
+        "deepspeed_zero3": ("DEEPSPEED", 8, "bf16"),
+        "cpu_ddp": ("MULTI_GPU", 2, "no"),
+    }[config.stem]
     assert (raw["distributed_type"], raw["num_processes"], raw["mixed_precision"]) == expected
     if config.stem == "deepspeed_zero3":
         assert raw["deepspeed_config"]["zero_stage"] == 3
@@ -85,11 +100,30 @@ def run(command: list[str], cwd=ROOT) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow  # subprocesses
 def test_accelerate_launch_two_processes_trains_every_parameter(dataset_folder, tmp_path, tiny_model):
     output = tmp_path / "run"
-    run([str(BIN / "accelerate"), "launch", "--config_file", str(TRAINING / "accelerate_configs" /
-               "cpu_ddp.yaml"), "--main_process_port", str(free_port()), str(TRAINING / "dpo.py"), "--config", str(CPU_RECIPE), "--dataset_name",
-                str(dataset_folder), "--output_dir", str(output), "--max_steps", "4", "--eval_steps", "4"])
+    run(
+        [
+            str(BIN / "accelerate"),
+            "launch",
+            "--config_file",
+            str(TRAINING / "accelerate_configs" / "cpu_ddp.yaml"),
+            "--main_process_port",
+            str(free_port()),
+            str(TRAINING / "dpo.py"),
+            "--config",
+            str(CPU_RECIPE),
+            "--dataset_name",
+            str(dataset_folder),
+            "--output_dir",
+            str(output),
+            "--max_steps",
+            "4",
+            "--eval_steps",
+            "4",
+        ]
+    )
     changed = trainable_changed(tiny_model("chat-llama-3.1"), output)
     assert all(changed.values()), [name for name, moved in changed.items() if not moved]
     state = json.loads((output / "trainer_state.json").read_text())
@@ -103,10 +137,27 @@ def test_accelerate_launch_two_processes_trains_every_parameter(dataset_folder, 
     assert state["log_history"][-1]["epoch"] == pytest.approx(4 / batches_per_rank, abs=1e-3)
 
 
+@pytest.mark.slow  # subprocesses
 def test_trl_cli_runs_the_cpu_recipe(dataset_folder, tmp_path, tiny_model):
     output = tmp_path / "trl"
-    run([str(BIN / "trl"), "dpo", "--config", str(CPU_RECIPE), "--model_name_or_path", tiny_model("chat-llama-3.1"),
-         "--dataset_name", str(dataset_folder), "--output_dir", str(output), "--max_steps", "2", "--eval_steps", "2"])
+    run(
+        [
+            str(BIN / "trl"),
+            "dpo",
+            "--config",
+            str(CPU_RECIPE),
+            "--model_name_or_path",
+            tiny_model("chat-llama-3.1"),
+            "--dataset_name",
+            str(dataset_folder),
+            "--output_dir",
+            str(output),
+            "--max_steps",
+            "2",
+            "--eval_steps",
+            "2",
+        ]
+    )
     assert (output / "model.safetensors").exists()
     assert any(trainable_changed(tiny_model("chat-llama-3.1"), output).values())
 
@@ -115,9 +166,14 @@ def test_validation_report_comes_from_the_run(dataset_folder, tmp_path):
     output = tmp_path / "validation"
     report = validate.main(["--dataset_name", str(dataset_folder), "--output_dir", str(output)])
     written = json.loads((output / "validation_report.json").read_text())
-    assert {k: written[k] for k in ("before", "after", "steps")} == {k: report[k] for k in ("before", "after", "steps")}
-    state_evals = [entry for entry in json.loads((output / "trainer_state.json").read_text())["log_history"]
-                   if "eval_loss" in entry]
+    assert {k: written[k] for k in ("before", "after", "steps")} == {
+        k: report[k] for k in ("before", "after", "steps")
+    }
+    state_evals = [
+        entry
+        for entry in json.loads((output / "trainer_state.json").read_text())["log_history"]
+        if "eval_loss" in entry
+    ]
     assert written["before"]["eval_loss"] == state_evals[0]["eval_loss"]
     assert written["after"]["eval_loss"] == state_evals[-1]["eval_loss"]
     assert written["after"]["eval_rewards/margins"] == state_evals[-1]["eval_rewards/margins"]

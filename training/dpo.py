@@ -31,8 +31,12 @@ def load_models(model_args, training_args):
 
     path = resolve(model_args.model_name_or_path)
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
-    kwargs = dict(revision=model_args.model_revision, dtype=dtype, attn_implementation=model_args.attn_implementation,
-                  trust_remote_code=training_args.trust_remote_code)
+    kwargs = dict(
+        revision=model_args.model_revision,
+        dtype=dtype,
+        attn_implementation=model_args.attn_implementation,
+        trust_remote_code=training_args.trust_remote_code,
+    )
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     ref_model = None if model_args.use_peft else AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
@@ -67,8 +71,10 @@ def main(argv: list[str] | None = None):
     dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
     for split in (script_args.dataset_train_split, script_args.dataset_test_split):
         if split not in dataset:
-            raise ValueError(f"{script_args.dataset_name} has no split {split!r} (it has {sorted(dataset)}); set "
-                             "dataset_train_split / dataset_test_split.")
+            raise ValueError(
+                f"{script_args.dataset_name} has no split {split!r} (it has {sorted(dataset)}); set "
+                "dataset_train_split / dataset_test_split."
+            )
     model, ref_model, tokenizer = load_models(model_args, training_args)
     evaluate = training_args.eval_strategy != "no" or training_args.do_eval
 

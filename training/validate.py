@@ -15,26 +15,34 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_RECIPE = HERE / "recipes" / "tiny-cpu-validation" / "config.yaml"
 sys.path.insert(0, str(HERE))  # training/dpo.py, when run as a script
 
-REPORT_METRICS = ["eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen",
-                  "eval_rewards/rejected"]
+REPORT_METRICS = [
+    "eval_loss",
+    "eval_rewards/accuracies",
+    "eval_rewards/margins",
+    "eval_rewards/chosen",
+    "eval_rewards/rejected",
+]
 
 
 @dataclass
 class ValidationArguments:
-    build_config: str | None = field(default=None, metadata={"help": "Build the dataset first from this "
-                                                                     "magpie-build config, into dataset_name."})
+    build_config: str | None = field(
+        default=None, metadata={"help": "Build the dataset first from this magpie-build config, into dataset_name."}
+    )
 
 
 def report_from_history(log_history: list[dict], trainer_metrics: dict) -> dict:
     """Before/after eval metrics and the run's size, read off the trainer's own log."""
     evals = [entry for entry in log_history if "eval_loss" in entry]
     if len(evals) < 2:
-        raise ValueError("The run logged fewer than two evaluations; the recipe needs eval_on_start: true and an "
-                         "eval strategy.")
+        raise ValueError(
+            "The run logged fewer than two evaluations; the recipe needs eval_on_start: true and an eval strategy."
+        )
     before, after = evals[0], evals[-1]
     train_logs = [entry for entry in log_history if "loss" in entry and "eval_loss" not in entry]
     return {
@@ -61,8 +69,9 @@ def report_markdown(report: dict, dataset_name: str, model: str) -> str:
         if key in report["before"]:
             lines.append(f"| {key} | {report['before'][key]:.4f} | {report['after'][key]:.4f} |")
     if report["train_loss_first"] is not None:
-        lines.append(f"| train loss (first, last step) | {report['train_loss_first']:.4f} | "
-                     f"{report['train_loss_last']:.4f} |")
+        lines.append(
+            f"| train loss (first, last step) | {report['train_loss_first']:.4f} | {report['train_loss_last']:.4f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -73,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "--config" not in argv:
         argv = ["--config", str(DEFAULT_RECIPE), *argv]
     script_args, training_args, model_args, validation_args = TrlParser(
-        (ScriptArguments, DPOConfig, ModelConfig, ValidationArguments)).parse_args_and_config(argv)
+        (ScriptArguments, DPOConfig, ModelConfig, ValidationArguments)
+    ).parse_args_and_config(argv)
 
     if validation_args.build_config:
         from builder.cli import main as build_main
@@ -87,11 +97,17 @@ def main(argv: list[str] | None = None) -> dict:
     if not trainer.accelerator.is_main_process:
         return {}
     state = trainer.state
-    metrics = {"global_step": state.global_step,
-               "train_runtime": next(e["train_runtime"] for e in state.log_history if "train_runtime" in e)}
+    metrics = {
+        "global_step": state.global_step,
+        "train_runtime": next(e["train_runtime"] for e in state.log_history if "train_runtime" in e),
+    }
     report = report_from_history(state.log_history, metrics)
-    report |= {"dataset": script_args.dataset_name, "model": model_args.model_name_or_path,
-               "learning_rate": training_args.learning_rate, "beta": training_args.beta}
+    report |= {
+        "dataset": script_args.dataset_name,
+        "model": model_args.model_name_or_path,
+        "learning_rate": training_args.learning_rate,
+        "beta": training_args.beta,
+    }
     output = Path(training_args.output_dir)
     (output / "validation_report.json").write_text(json.dumps(report, indent=2))
     from builder.models import public_model_name

@@ -8,13 +8,22 @@ second BOS).
 from ..models import ModelSpec, load_generator, load_tokenizer
 from .protocol import Completion, SamplingParams
 
+
 ENGINES = ("transformers", "vllm")
 __all__ = ["ENGINES", "Completion", "SamplingParams", "sample_completions"]
 
 
-def sample_completions(spec: ModelSpec, rank: int | None, prompts: list[list[int]], seeds: list[int],
-                       params: SamplingParams, num_samples: int = 1, same_prompt: bool = False,
-                       max_batch_size: int = 64, then: tuple[list[list[int]], list[int]] | None = None):
+def sample_completions(
+    spec: ModelSpec,
+    rank: int | None,
+    prompts: list[list[int]],
+    seeds: list[int],
+    params: SamplingParams,
+    num_samples: int = 1,
+    same_prompt: bool = False,
+    max_batch_size: int = 64,
+    then: tuple[list[list[int]], list[int]] | None = None,
+):
     """(completions, tokenizer): `len(prompts) * num_samples` completions, grouped by prompt.
 
     `same_prompt` says every prompt is the same (the instruction stage): transformers then holds it once and
@@ -35,8 +44,16 @@ def sample_completions(spec: ModelSpec, rank: int | None, prompts: list[list[int
     if same_prompt and num_samples == 1:
         prompts, num_samples = prompts[:1], len(prompts)
         then = (then[0][:1], then[1]) if then else None
-    completions = sample(model, prompts, seeds, params, num_samples=num_samples, pad_token_id=pad_id,
-                         max_batch_size=max_batch_size, then=then)
+    completions = sample(
+        model,
+        prompts,
+        seeds,
+        params,
+        num_samples=num_samples,
+        pad_token_id=pad_id,
+        max_batch_size=max_batch_size,
+        then=then,
+    )
     return completions, tokenizer
 
 

@@ -25,22 +25,29 @@ def load_vllm(spec: ModelSpec, rank: int | None = None):
         if device.type == "cuda":
             os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(device.index))
     return LLM(
-        model=resolve_model_path(spec.name_or_path), revision=spec.revision,
-        dtype="auto" if spec.dtype == "auto" else spec.dtype, tensor_parallel_size=spec.tensor_parallel_size,
+        model=resolve_model_path(spec.name_or_path),
+        revision=spec.revision,
+        dtype="auto" if spec.dtype == "auto" else spec.dtype,
+        tensor_parallel_size=spec.tensor_parallel_size,
         trust_remote_code=spec.trust_remote_code,
     )
 
 
-def sample_vllm(llm, prompts: list[list[int]], seeds: list[int], params: SamplingParams,
-                num_samples: int = 1) -> list[Completion]:
+def sample_vllm(
+    llm, prompts: list[list[int]], seeds: list[int], params: SamplingParams, num_samples: int = 1
+) -> list[Completion]:
     from vllm import SamplingParams as VllmSamplingParams
     from vllm import TokensPrompt
 
     requests = [TokensPrompt(prompt_token_ids=list(prompt)) for prompt in prompts]
     sampling = [
         VllmSamplingParams(
-            n=num_samples, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
-            stop_token_ids=list(params.stop_token_ids), seed=seeds[i * num_samples] & 0x7FFFFFFF,
+            n=num_samples,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=params.max_new_tokens,
+            stop_token_ids=list(params.stop_token_ids),
+            seed=seeds[i * num_samples] & 0x7FFFFFFF,
         )
         for i in range(len(prompts))
     ]

@@ -12,8 +12,9 @@ import ast
 import hashlib
 import inspect
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
+
 
 PACKAGE = Path(__file__).resolve().parents[1]
 # Code that changes what every model stage computes, relative to the package.
@@ -31,13 +32,17 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
-                    and isinstance(body[0].value.value, str):
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(getattr(body[0], "value", None), ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
                 node.body = body[1:] or [ast.Pass()]
     return tree
 
 
-@lru_cache(maxsize=None)
+@cache
 def file_version(path: str) -> str:
     """The hash of what a source file computes: Python by its syntax tree without docstrings, other files by bytes."""
     data = Path(path).read_bytes()
@@ -53,17 +58,25 @@ def _files(relative: str) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.suffix in CODE_SUFFIXES and "__pycache__" not in p.parts)
 
 
-@lru_cache(maxsize=None)
+@cache
 def shared_code_version() -> str:
-    return digest([(str(p.relative_to(PACKAGE)), file_version(str(p))) for p in
-                   (f for relative in SHARED_CODE for f in _files(relative))])
+    return digest(
+        [
+            (str(p.relative_to(PACKAGE)), file_version(str(p)))
+            for p in (f for relative in SHARED_CODE for f in _files(relative))
+        ]
+    )
+
+
+def code_files(*functions) -> list[Path]:
+    """The source files that define `functions` (a stage's own module)."""
+    functions = [getattr(f, "func", f) for f in functions if f is not None]  # a partial is its function
+    return sorted({Path(inspect.getsourcefile(f)).resolve() for f in functions})
 
 
 def code_version(*functions) -> str:
     """The version of the code behind a stage: the modules that define `functions`, and the shared code."""
-    functions = [getattr(f, "func", f) for f in functions if f is not None]  # a partial is its function
-    files = sorted({inspect.getsourcefile(f) for f in functions})
-    return digest(shared_code_version(), [(Path(f).name, file_version(f)) for f in files])
+    return digest(shared_code_version(), [(f.name, file_version(str(f))) for f in code_files(*functions)])
 
 
 def model_identity(spec) -> tuple:

@@ -7,6 +7,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
+
 logger = logging.getLogger("magpie_builder")
 
 
@@ -39,8 +40,13 @@ class Ledger:
         lost = record.rows_in - record.rows_out - sum(record.drops.values())
         if lost:
             raise RuntimeError(f"Stage {name} lost {lost} rows without a reason: {record}")
-        logger.info("%s: %d -> %d rows%s", name, record.rows_in, record.rows_out,
-                    f", dropped {dict(record.drops)}" if record.drops else "")
+        logger.info(
+            "%s: %d -> %d rows%s",
+            name,
+            record.rows_in,
+            record.rows_out,
+            f", dropped {dict(record.drops)}" if record.drops else "",
+        )
 
     def drops(self) -> dict[str, int]:
         total: Counter = Counter()
@@ -52,8 +58,10 @@ class Ledger:
         return next(record for record in self.stages if record.name == name)
 
     def to_dict(self) -> dict:
-        return {"stages": [asdict(record) | {"tokens_per_second": record.tokens_per_second}
-                           for record in self.stages], "drops": self.drops()}
+        return {
+            "stages": [asdict(record) | {"tokens_per_second": record.tokens_per_second} for record in self.stages],
+            "drops": self.drops(),
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -63,7 +71,9 @@ class Ledger:
         for r in self.stages:
             drops = ", ".join(f"{k}={v}" for k, v in r.drops.items()) or "-"
             notes = "".join(f"; {k}={v}" for k, v in r.notes.items())
-            lines.append(f"{r.name:<14}{r.rows_in:>9}{r.rows_out:>10}{r.seconds:>10.2f}{r.tokens:>10}"
-                         f"{r.tokens_per_second:>9.1f}  {drops}{notes}")
+            lines.append(
+                f"{r.name:<14}{r.rows_in:>9}{r.rows_out:>10}{r.seconds:>10.2f}{r.tokens:>10}"
+                f"{r.tokens_per_second:>9.1f}  {drops}{notes}"
+            )
         lines.append(f"{'total':<14}{'':>19}{sum(r.seconds for r in self.stages):>10.2f}")
         return "\n".join(lines)

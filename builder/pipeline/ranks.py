@@ -58,8 +58,9 @@ def distributed_ranks(run_key: str, cache_dir: str | None) -> Ranks:
     # Without CUDA, accelerate's processes talk over gloo on the CPU only when asked to.
     state = PartialState(cpu=not torch.cuda.is_available())
     parts = Path(cache_dir or cache_root() / "batches") / "parts" / run_key
-    return Ranks(state.process_index, state.num_processes, state.local_process_index, str(parts),
-                 state.wait_for_everyone)
+    return Ranks(
+        state.process_index, state.num_processes, state.local_process_index, str(parts), state.wait_for_everyone
+    )
 
 
 def _process_alive(pid: int) -> bool:

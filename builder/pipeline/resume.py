@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+
 logger = logging.getLogger("magpie_builder")
 
 
@@ -100,8 +101,18 @@ class NextBatch:
         return self.rows[begin : min(begin + self.batch_size, end)]
 
 
-def cached_batch(batch: dict, indices: list[int], rank, *, function, reads: tuple[str, ...],
-                 cache_root: str | None, key: str, next_batch: NextBatch | None = None, **kwargs) -> dict:
+def cached_batch(
+    batch: dict,
+    indices: list[int],
+    rank,
+    *,
+    function,
+    reads: tuple[str, ...],
+    cache_root: str | None,
+    key: str,
+    next_batch: NextBatch | None = None,
+    **kwargs,
+) -> dict:
     """Runs `function(batch, rank, **kwargs)` on the batch's `reads` columns, unless this stage already wrote the
     output of a batch with the same content. With `next_batch`, the function also gets the worker's next batch
     (`next_batch=`), unless that one is in the cache.
@@ -127,6 +138,7 @@ def count_reused(dataset, stage: str) -> int:
     """Rows of `dataset` whose batch came from the cache; logged, so a resumed run says what it reused."""
     flags = Counter(dataset["cached_batch"])
     if flags[True]:
-        logger.info("%s: reused %d of %d rows from finished batches of an earlier run", stage, flags[True],
-                    len(dataset))
+        logger.info(
+            "%s: reused %d of %d rows from finished batches of an earlier run", stage, flags[True], len(dataset)
+        )
     return flags[True]

@@ -20,6 +20,7 @@ from .ranks import Ranks, fresh_tables_folder, keep_only_tables_of
 from .resume import NextBatch, cached_batch, count_reused
 from .stage import DROP_REASON, KEEP, MODEL, ROWS, SECTIONS, TABLE, Column, Stage
 
+
 logger = logging.getLogger("magpie_builder")
 
 
@@ -57,8 +58,10 @@ def check_declarations(stages: list[Stage]) -> None:
             available.update(stage.reads)  # the source's rows, checked against its `writes` when they are made
         missing = [column for column in stage.reads if column not in available]
         if missing:
-            raise StageError(f"Stage {stage.name} reads {missing}, which no stage before it writes: put it after the "
-                             "stage that writes them, or declare them in that stage's `writes`.")
+            raise StageError(
+                f"Stage {stage.name} reads {missing}, which no stage before it writes: put it after the "
+                "stage that writes them, or declare them in that stage's `writes`."
+            )
         available.update(stage.written)
         available.difference_update(stage.removes)
 
@@ -69,8 +72,10 @@ def _check_columns(stage: Stage, before: list[str], after: list[str]) -> None:
     expected = stage.written if stage.start is None else [c for c in stage.written if c not in before]
     undeclared = [c for c in added if c not in expected]
     if undeclared:
-        raise StageError(f"Stage {stage.name} wrote {undeclared} without declaring them: add each to its `writes` "
-                         "with a one-line description (and a section, if it is published).")
+        raise StageError(
+            f"Stage {stage.name} wrote {undeclared} without declaring them: add each to its `writes` "
+            "with a one-line description (and a section, if it is published)."
+        )
     missing = [c for c in expected if c not in added]
     if missing:
         raise StageError(f"Stage {stage.name} declares {missing} in `writes` but did not write them.")
@@ -90,8 +95,10 @@ def _count_drops(stage: Stage, rows: Dataset, record) -> Dataset:
         counts[reason] = counts.get(reason, 0) + 1
     unknown = sorted(set(counts) - {KEEP, *stage.drop_reasons})
     if unknown:
-        raise StageError(f"Stage {stage.name} dropped rows as {unknown}, which it does not declare in "
-                         "`drop_reasons`: declare them, so the card and the ledger can name them.")
+        raise StageError(
+            f"Stage {stage.name} dropped rows as {unknown}, which it does not declare in "
+            "`drop_reasons`: declare them, so the card and the ledger can name them."
+        )
     record.drops.update({k: v for k, v in sorted(counts.items()) if k != KEEP})
     keep = [i for i, reason in enumerate(reasons) if reason == KEEP]
     kept = rows.select(keep) if len(keep) < len(rows) else rows
@@ -106,15 +113,28 @@ def _on_file(rows: Dataset, tables: Path, name: str) -> Dataset:
     return load_from_disk(str(tables / name))
 
 
-def _model_stage(stage: Stage, rows: Dataset, key: str, ranks: Ranks, resume_dir: str | None,
-                 num_proc: int) -> Dataset:
+def _model_stage(
+    stage: Stage, rows: Dataset, key: str, ranks: Ranks, resume_dir: str | None, num_proc: int
+) -> Dataset:
     rows = ranks.part(rows)
     workers = num_proc if num_proc > 1 and len(rows) > 1 else None
     rows = rows.map(
-        cached_batch, batched=True, batch_size=stage.batch_size, with_indices=True, with_rank=True, num_proc=workers,
-        fn_kwargs={"function": stage.apply, "reads": stage.reads, "cache_root": resume_dir, "key": key,
-                   "next_batch": NextBatch(rows, stage.batch_size, workers) if stage.look_ahead else None,
-                   "settings": stage.settings, **stage.models, **stage.runtime},
+        cached_batch,
+        batched=True,
+        batch_size=stage.batch_size,
+        with_indices=True,
+        with_rank=True,
+        num_proc=workers,
+        fn_kwargs={
+            "function": stage.apply,
+            "reads": stage.reads,
+            "cache_root": resume_dir,
+            "key": key,
+            "next_batch": NextBatch(rows, stage.batch_size, workers) if stage.look_ahead else None,
+            "settings": stage.settings,
+            **stage.models,
+            **stage.runtime,
+        },
         desc=stage.desc or stage.name,
         # The key says everything that changes the output; hashing the model specs is all a fingerprint needs.
         new_fingerprint=digest("map", key, ranks.rank, rows._fingerprint),
@@ -132,15 +152,26 @@ def _apply(stage: Stage, rows: Dataset | None, key: str, ranks: Ranks, resume_di
     if stage.kind == MODEL:
         return _model_stage(stage, rows, key, ranks, resume_dir, num_proc)
     if stage.kind == ROWS:
-        return rows.map(stage.apply, batched=stage.batched, batch_size=stage.batch_size, desc=stage.desc or stage.name,
-                        fn_kwargs={"settings": stage.settings, **stage.models, **stage.runtime},
-                        new_fingerprint=digest("map", key, rows._fingerprint))
+        return rows.map(
+            stage.apply,
+            batched=stage.batched,
+            batch_size=stage.batch_size,
+            desc=stage.desc or stage.name,
+            fn_kwargs={"settings": stage.settings, **stage.models, **stage.runtime},
+            new_fingerprint=digest("map", key, rows._fingerprint),
+        )
     assert stage.kind == TABLE
     return stage.apply(rows, settings=stage.settings)
 
 
-def run(stages: list[Stage], *, ranks: Ranks = Ranks(), resume: bool = True, cache_dir: str | None = None,
-        num_proc: int = 1) -> RunResult | None:
+def run(
+    stages: list[Stage],
+    *,
+    ranks: Ranks = Ranks(),
+    resume: bool = True,
+    cache_dir: str | None = None,
+    num_proc: int = 1,
+) -> RunResult | None:
     """Runs the stages in order. Under several processes every rank runs the stages up to the last model stage and
     rank 0 alone the rest; it alone returns the result.
 
@@ -183,8 +214,10 @@ def run(stages: list[Stage], *, ranks: Ranks = Ranks(), resume: bool = True, cac
                 record.tokens, notes = stage.tally(out)
                 record.notes.update(notes)
             if record.rows_out == 0:
-                raise ValueError(f"No rows survived the {stage.name} stage (drops so far: {ledger.drops()}). To keep "
-                                 f"rows: {stage.if_none_left or 'check its settings'}, or raise num_instructions.")
+                raise ValueError(
+                    f"No rows survived the {stage.name} stage (drops so far: {ledger.drops()}). To keep "
+                    f"rows: {stage.if_none_left or 'check its settings'}, or raise num_instructions."
+                )
         rows = _spend_columns(out, stages[index + 1 :], internal)
         if index == last_model and ranks.rank != 0:
             shutil.rmtree(tables, ignore_errors=True)  # this rank's parts are in the shared parts folder
@@ -196,8 +229,11 @@ def run(stages: list[Stage], *, ranks: Ranks = Ranks(), resume: bool = True, cac
     freed = keep_only_tables_of(dataset, tables)
     # Under several ranks the splits are in the shared parts folder (the gathered parts), not in `tables`.
     folders = sorted({str(Path(f["filename"]).parent) for split in dataset.values() for f in split.cache_files})
-    logger.info("tables of the finished dataset in %s (%.1f MB of earlier stages' tables deleted)",
-                ", ".join(folders), freed / 2**20)
+    logger.info(
+        "tables of the finished dataset in %s (%.1f MB of earlier stages' tables deleted)",
+        ", ".join(folders),
+        freed / 2**20,
+    )
     logger.info("build summary\n%s", ledger.summary())
     return RunResult(dataset, ledger, columns, keys)
 

@@ -8,8 +8,11 @@ and the card's column table are read from them, and a stage that writes a column
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+
 # How a stage runs.
-MODEL = "model"  # batched `Dataset.map` with `with_rank`: one model per worker, every batch kept for resume, ranks' parts
+MODEL = (
+    "model"  # batched `Dataset.map` with `with_rank`: one model per worker, every batch kept for resume, ranks' parts
+)
 ROWS = "rows"  # `Dataset.map` over the whole table on every rank: cheap per-row work (a tokenizer, a rule)
 TABLE = "table"  # a function of the whole table: deduplication, selection, the split
 KINDS = (MODEL, ROWS, TABLE)
@@ -17,7 +20,12 @@ KINDS = (MODEL, ROWS, TABLE)
 # Where a published column goes, in this order: TRL's conversation and the row's id, the pair's scores, every
 # candidate with its reward, per-candidate counts, per-row counts, and last where the row came from.
 ROW, PAIR, CANDIDATES, CANDIDATE_STATS, ROW_STATS, PROVENANCE = SECTIONS = (
-    "row", "pair", "candidates", "candidate_stats", "row_stats", "provenance",
+    "row",
+    "pair",
+    "candidates",
+    "candidate_stats",
+    "row_stats",
+    "provenance",
 )
 
 KEEP = ""  # the `drop_reason` of a row that stays
@@ -92,8 +100,10 @@ class Stage:
             raise ValueError(f"Stage {self.name}: kind {self.kind!r} is not one of {', '.join(KINDS)}.")
         for column in self.writes:
             if column.section is not None and column.section not in SECTIONS:
-                raise ValueError(f"Stage {self.name}: column {column.name} has section {column.section!r}; use one "
-                                 f"of {', '.join(SECTIONS)}, or None for a column no one publishes.")
+                raise ValueError(
+                    f"Stage {self.name}: column {column.name} has section {column.section!r}; use one "
+                    f"of {', '.join(SECTIONS)}, or None for a column no one publishes."
+                )
 
     @property
     def written(self) -> list[str]:

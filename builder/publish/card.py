@@ -21,6 +21,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from .. import __version__
 from ..models import public_model_name
 
+
 PLOT_FILE = "reward_distribution.png"
 CONFIG_FILE = "build_config.yaml"
 TEMPLATE = "dataset_card.md"
@@ -28,9 +29,15 @@ TRAIN_RECIPE = "training/recipes/llama-3.1-8b-magpie-dpo/config_full.yaml"
 TAGS = ["dpo", "preference", "synthetic", "magpie", "trl"]
 EXAMPLE_CHARS = 300
 
+
 def size_category(rows: int) -> str:
-    for limit, name in [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
-                        (10_000_000, "1M<n<10M")]:
+    for limit, name in [
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+        (10_000_000, "1M<n<10M"),
+    ]:
         if rows < limit:
             return name
     return "10M<n<100M"
@@ -45,9 +52,20 @@ def describe(values) -> dict:
 
 def statistics(dataset: DatasetDict) -> tuple[list[dict], dict]:
     """The statistics table (instruction / response lengths, scores, margins) and the truncation share."""
-    rows = [row for split in dataset.values() for row in split.select_columns(
-        ["instruction_tokens", "response_tokens", "response_finish_reasons", "chosen_score", "rejected_score",
-         "reward_margin"])]
+    rows = [
+        row
+        for split in dataset.values()
+        for row in split.select_columns(
+            [
+                "instruction_tokens",
+                "response_tokens",
+                "response_finish_reasons",
+                "chosen_score",
+                "rejected_score",
+                "reward_margin",
+            ]
+        )
+    ]
     response_tokens = [t for row in rows for t in row["response_tokens"]]
     reasons = [r for row in rows for r in row["response_finish_reasons"]]
     table = [
@@ -58,8 +76,11 @@ def statistics(dataset: DatasetDict) -> tuple[list[dict], dict]:
         {"name": "reward margin", **describe([r["reward_margin"] for r in rows])},
     ]
     truncated = reasons.count("length")
-    return table, {"truncated_responses": truncated, "total_responses": len(reasons),
-                   "truncated_share": f"{truncated / max(1, len(reasons)):.2%}"}
+    return table, {
+        "truncated_responses": truncated,
+        "total_responses": len(reasons),
+        "truncated_share": f"{truncated / max(1, len(reasons)):.2%}",
+    }
 
 
 def plot_rewards(dataset: DatasetDict, path) -> None:
@@ -99,11 +120,16 @@ def hub_metadata(dataset: DatasetDict, card_data: DatasetCardData, download_size
     for name, split in dataset.items():
         splits.add(SplitInfo(name=name, num_bytes=split.data.nbytes, num_examples=len(split)))
     first = next(iter(dataset.values()))
-    info = DatasetInfo(features=first.features, splits=splits, download_size=download_size,
-                       dataset_size=sum(s.data.nbytes for s in dataset.values()))
+    info = DatasetInfo(
+        features=first.features,
+        splits=splits,
+        download_size=download_size,
+        dataset_size=sum(s.data.nbytes for s in dataset.values()),
+    )
     DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)
-    MetadataConfigs({"default": {"data_files": [{"split": name, "path": f"data/{name}-*"} for name in dataset]}}
-                    ).to_dataset_card_data(card_data)
+    MetadataConfigs(
+        {"default": {"data_files": [{"split": name, "path": f"data/{name}-*"} for name in dataset]}}
+    ).to_dataset_card_data(card_data)
 
 
 def example_rows(dataset: DatasetDict, count: int = 2) -> list[str]:
@@ -126,8 +152,12 @@ def render_card(result, *, repo_id: str | None = None, metadata: dict | None = N
     config, dataset, ledger, pre_query = result.config, result.dataset, result.ledger, result.pre_query
     total_rows = sum(len(s) for s in dataset.values())
     card_data = DatasetCardData(
-        license=config.license, language=config.language, task_categories=["text-generation"],
-        size_categories=[size_category(total_rows)], pretty_name=config.pretty_name, tags=TAGS,
+        license=config.license,
+        language=config.language,
+        task_categories=["text-generation"],
+        size_categories=[size_category(total_rows)],
+        pretty_name=config.pretty_name,
+        tags=TAGS,
         source_datasets=config.source_datasets or None,
     )
     if metadata:
@@ -138,13 +168,22 @@ def render_card(result, *, repo_id: str | None = None, metadata: dict | None = N
         hub_metadata(dataset, card_data)
     table, truncation = statistics(dataset)
     first_row = next(iter(dataset.values()))[0]
-    stages = [{"name": s.name, "rows_in": s.rows_in, "rows_out": s.rows_out, "seconds": f"{s.seconds:.1f}",
-               "drops_text": ", ".join(f"{k}: {v}" for k, v in s.drops.items()) or "-"} for s in ledger.stages]
+    stages = [
+        {
+            "name": s.name,
+            "rows_in": s.rows_in,
+            "rows_out": s.rows_out,
+            "seconds": f"{s.seconds:.1f}",
+            "drops_text": ", ".join(f"{k}: {v}" for k, v in s.drops.items()) or "-",
+        }
+        for s in ledger.stages
+    ]
     load_id = repo_id or "path/to/output_dir"
     template = resources.files("builder.publish").joinpath("cards").joinpath(TEMPLATE)
     with resources.as_file(template) as template_path:
         return DatasetCard.from_template(
-            card_data, template_path=str(template_path),
+            card_data,
+            template_path=str(template_path),
             title=config.pretty_name or repo_id or "Magpie preference dataset",
             generator=public_model_name(config.generator_model),
             generator_revision=first_row["gen_input_configs"]["generator_revision"],
@@ -155,16 +194,28 @@ def render_card(result, *, repo_id: str | None = None, metadata: dict | None = N
             system_prompt=table_cell(config.system_prompt) if config.system_prompt else None,
             implicit_prompt=config.implicit_prompt,
             num_responses=config.num_responses,
-            instruction_temperature=config.instruction_temperature, instruction_top_p=config.instruction_top_p,
+            instruction_temperature=config.instruction_temperature,
+            instruction_top_p=config.instruction_top_p,
             max_instruction_tokens=config.max_instruction_tokens,
-            response_temperature=config.response_temperature, response_top_p=config.response_top_p,
-            max_response_tokens=config.max_response_tokens, min_reward_margin=config.min_reward_margin,
-            max_prompt_tokens=config.max_prompt_tokens, seed=config.seed,
-            build_date=result.built_at, chat_template_date=config.chat_template_date, builder_version=__version__,
-            stages=stages, split_sizes={name: len(split) for name, split in dataset.items()},
-            total_rows=total_rows, statistics=table, **truncation,
-            columns=[(column.name, column.description) for column in result.columns], examples=example_rows(dataset),
-            load_id=load_id, plot_file=PLOT_FILE, config_file=CONFIG_FILE,
+            response_temperature=config.response_temperature,
+            response_top_p=config.response_top_p,
+            max_response_tokens=config.max_response_tokens,
+            min_reward_margin=config.min_reward_margin,
+            max_prompt_tokens=config.max_prompt_tokens,
+            seed=config.seed,
+            build_date=result.built_at,
+            chat_template_date=config.chat_template_date,
+            builder_version=__version__,
+            stages=stages,
+            split_sizes={name: len(split) for name, split in dataset.items()},
+            total_rows=total_rows,
+            statistics=table,
+            **truncation,
+            columns=[(column.name, column.description) for column in result.columns],
+            examples=example_rows(dataset),
+            load_id=load_id,
+            plot_file=PLOT_FILE,
+            config_file=CONFIG_FILE,
             train_command=train_command(load_id),
             config_yaml=yaml.safe_dump(public_config(config), sort_keys=False, allow_unicode=True),
             cite_armorm="armorm" in config.reward_model.lower(),
@@ -180,7 +231,7 @@ def attach_validation_report(readme: Path, report_markdown: str) -> None:
     section = f"{VALIDATION_HEADING}\n\n{report_markdown.strip()}\n\n"
     if VALIDATION_HEADING in text:
         start = text.index(VALIDATION_HEADING)
-        text = text[:start] + text[text.index("## ", start + len(VALIDATION_HEADING)):]
+        text = text[:start] + text[text.index("## ", start + len(VALIDATION_HEADING)) :]
     anchor = text.index("## Build config")
     readme.write_text(text[:anchor] + section + text[anchor:])
 
@@ -191,5 +242,7 @@ def table_cell(text: str) -> str:
 
 
 def train_command(dataset_id: str) -> str:
-    return ("ACCELERATE_LOG_LEVEL=info accelerate launch --config_file training/accelerate_configs/multi_gpu.yaml "
-            f"training/dpo.py --config {TRAIN_RECIPE} --dataset_name {dataset_id}")
+    return (
+        "ACCELERATE_LOG_LEVEL=info accelerate launch --config_file training/accelerate_configs/multi_gpu.yaml "
+        f"training/dpo.py --config {TRAIN_RECIPE} --dataset_name {dataset_id}"
+    )

@@ -14,6 +14,7 @@ from datasets import DatasetDict
 
 from .card import CONFIG_FILE, PLOT_FILE, plot_rewards, public_config, render_card
 
+
 logger = logging.getLogger("magpie_builder")
 
 MAX_SHARD_BYTES = 500 * 1024 * 1024  # what `push_to_hub` uses, so local and Hub shards match
@@ -42,8 +43,12 @@ def card_files(result, card) -> dict[str, bytes]:
     plot = io.BytesIO()
     plot_rewards(result.dataset, plot)
     config_yaml = yaml.safe_dump(public_config(result.config), sort_keys=False, allow_unicode=True)
-    return {README: str(card).encode(), PLOT_FILE: plot.getvalue(), CONFIG_FILE: config_yaml.encode(),
-            SUMMARY_FILE: result.ledger.to_json().encode()}
+    return {
+        README: str(card).encode(),
+        PLOT_FILE: plot.getvalue(),
+        CONFIG_FILE: config_yaml.encode(),
+        SUMMARY_FILE: result.ledger.to_json().encode(),
+    }
 
 
 def write_files(folder: Path, files: dict[str, bytes]) -> None:

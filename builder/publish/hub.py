@@ -14,6 +14,7 @@ from datasets import DatasetDict
 from .card import render_card
 from .folder import README, card_files, write_files
 
+
 logger = logging.getLogger("magpie_builder")
 
 RETRIES = 3
@@ -30,7 +31,8 @@ def _is_transient(error: Exception) -> bool:
         return error.response is not None and error.response.status_code >= 500
     # huggingface_hub's HTTP client raises its own TransportError family for refused or dropped connections.
     return isinstance(error, (ConnectionError, TimeoutError)) or any(
-        cls.__name__ == "TransportError" for cls in type(error).__mro__)
+        cls.__name__ == "TransportError" for cls in type(error).__mro__
+    )
 
 
 def with_retries(step: str, function, *args, **kwargs):
@@ -90,14 +92,18 @@ def check_rights(api, repo_id: str, token: str) -> None:
         me = with_retries("Checking the token", api.whoami, token=token)
     except HfHubHTTPError as error:
         if error.response is not None and error.response.status_code == 401:
-            raise PushError("The Hub rejected the token (401): log in again with `hf auth login` or set a valid "
-                            "HF_TOKEN with write access.") from error
+            raise PushError(
+                "The Hub rejected the token (401): log in again with `hf auth login` or set a valid "
+                "HF_TOKEN with write access."
+            ) from error
         raise
     namespace = repo_id.split("/")[0]
     mine = {me["name"], *(org["name"] for org in me.get("orgs", []))}
     if namespace not in mine:
-        raise PushError(f"{repo_id} belongs to {namespace!r}, and this token can write only to "
-                        f"{', '.join(sorted(mine))}. Push to a repo of your own namespace.")
+        raise PushError(
+            f"{repo_id} belongs to {namespace!r}, and this token can write only to "
+            f"{', '.join(sorted(mine))}. Push to a repo of your own namespace."
+        )
 
 
 def existing_card(api, repo_id: str, revision: str | None, token: str):
@@ -110,14 +116,22 @@ def existing_card(api, repo_id: str, revision: str | None, token: str):
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        info = with_retries("Reading the repo", api.repo_info, repo_id, repo_type="dataset", revision=revision,
-                            token=token)
+        info = with_retries(
+            "Reading the repo", api.repo_info, repo_id, repo_type="dataset", revision=revision, token=token
+        )
     except (RepositoryNotFoundError, RevisionNotFoundError):
         return None
     if README not in {sibling.rfilename for sibling in info.siblings or []}:
         return None
-    path = with_retries("Reading the repo's card", hf_hub_download, repo_id, README, repo_type="dataset",
-                        revision=info.sha, token=token)
+    path = with_retries(
+        "Reading the repo's card",
+        hf_hub_download,
+        repo_id,
+        README,
+        repo_type="dataset",
+        revision=info.sha,
+        token=token,
+    )
     return DatasetCard(Path(path).read_text())
 
 
@@ -134,12 +148,21 @@ def check_schema(card, dataset: DatasetDict, repo_id: str) -> None:
     if existing["features"] != ours:
         old = sorted(f["name"] for f in existing["features"])
         new = sorted(f["name"] for f in ours)
-        raise PushError(f"{repo_id} already holds a dataset with another schema (columns {old}, pushing {new}). "
-                        "Push to a new repo, or set `force_push: true` to replace it.")
+        raise PushError(
+            f"{repo_id} already holds a dataset with another schema (columns {old}, pushing {new}). "
+            "Push to a new repo, or set `force_push: true` to replace it."
+        )
 
 
-def push_to_hub(result, repo_id: str, *, private: bool = False, revision: str | None = None,
-                force: bool = False, folder: str | Path | None = None) -> str:
+def push_to_hub(
+    result,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    force: bool = False,
+    folder: str | Path | None = None,
+) -> str:
     """Pushes the dataset, then its card, plot, build config and summary in one commit. Returns the URL."""
     from huggingface_hub import CommitOperationAdd, DatasetCard, HfApi, constants
 
@@ -150,8 +173,15 @@ def push_to_hub(result, repo_id: str, *, private: bool = False, revision: str | 
     if not force:
         check_schema(existing_card(api, repo_id, revision, token), result.dataset, repo_id)
 
-    commit = with_retries("Uploading the data", result.dataset.push_to_hub, repo_id, private=private,
-                          revision=revision, token=token, commit_message="Upload preference data (magpie-builder)")
+    commit = with_retries(
+        "Uploading the data",
+        result.dataset.push_to_hub,
+        repo_id,
+        private=private,
+        revision=revision,
+        token=token,
+        commit_message="Upload preference data (magpie-builder)",
+    )
     pushed = existing_card(api, repo_id, revision or commit.oid, token)
     metadata = pushed.data.to_dict() if pushed else {}
     card = render_card(result, repo_id=repo_id, metadata=metadata)
@@ -159,12 +189,21 @@ def push_to_hub(result, repo_id: str, *, private: bool = False, revision: str | 
     files = card_files(result, card)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in files.items()]
     try:
-        with_retries("Uploading the card", api.create_commit, repo_id, operations=operations, repo_type="dataset",
-                     revision=revision, commit_message="Dataset card, reward plot and build config (magpie-builder)",
-                     parent_commit=commit.oid)
+        with_retries(
+            "Uploading the card",
+            api.create_commit,
+            repo_id,
+            operations=operations,
+            repo_type="dataset",
+            revision=revision,
+            commit_message="Dataset card, reward plot and build config (magpie-builder)",
+            parent_commit=commit.oid,
+        )
     except PushError as error:
-        raise PushError(f"The data landed in {repo_id} (commit {commit.oid}) but its card did not: {error} Push "
-                        "again to add the card; re-pushing the same dataset is safe.") from error
+        raise PushError(
+            f"The data landed in {repo_id} (commit {commit.oid}) but its card did not: {error} Push "
+            "again to add the card; re-pushing the same dataset is safe."
+        ) from error
     if folder is not None:
         write_files(Path(folder), files)  # the local folder gets the very card the Hub has
     url = f"{constants.ENDPOINT}/datasets/{repo_id}" + (f"/tree/{revision}" if revision else "")

@@ -28,8 +28,10 @@ class InstructionSettings:
 
 
 def make_uuids(seed: int, count: int) -> list[str]:
-    return [str(uuid_lib.UUID(bytes=hashlib.blake2b(f"magpie/{seed}/{i}".encode(), digest_size=16).digest(),
-                              version=4)) for i in range(count)]
+    return [
+        str(uuid_lib.UUID(bytes=hashlib.blake2b(f"magpie/{seed}/{i}".encode(), digest_size=16).digest(), version=4))
+        for i in range(count)
+    ]
 
 
 def uuid_rows(seed: int, count: int) -> Dataset:
@@ -38,22 +40,37 @@ def uuid_rows(seed: int, count: int) -> Dataset:
     return Dataset.from_dict({"uuid": make_uuids(seed, count)})
 
 
-def generate_instructions(batch: dict, rank: int | None, *, generator: ModelSpec, settings: InstructionSettings,
-                          max_batch_size: int = 64, next_batch: dict | None = None):
+def generate_instructions(
+    batch: dict,
+    rank: int | None,
+    *,
+    generator: ModelSpec,
+    settings: InstructionSettings,
+    max_batch_size: int = 64,
+    next_batch: dict | None = None,
+):
     """Samples one instruction per row from the pre-query template.
 
     Input columns: `uuid`. Output columns: `instruction`, `prompt` (`[user: instruction]`),
     `instruction_finish_reason` ("stop" or "length"), `instruction_tokens`, `gen_input_configs`. `next_batch` (this
     worker's next shard, when there is one) starts in the rows this shard's tail frees; it changes no output.
     """
+
     def work(rows: dict):
         seeds = [row_seed(settings.seed, "instruction", u, 0) for u in rows["uuid"]]
         return [list(settings.pre_query_ids)] * len(seeds), seeds
 
     prompts, seeds = work(batch)
-    completions, tokenizer = sample_completions(generator, rank, prompts, seeds, settings.sampling, same_prompt=True,
-                                                max_batch_size=max_batch_size,
-                                                then=work(next_batch) if next_batch else None)
+    completions, tokenizer = sample_completions(
+        generator,
+        rank,
+        prompts,
+        seeds,
+        settings.sampling,
+        same_prompt=True,
+        max_batch_size=max_batch_size,
+        then=work(next_batch) if next_batch else None,
+    )
     config = {
         "input_generator": public_model_name(generator.name_or_path),
         "generator_revision": settings.generator_revision,
@@ -81,7 +98,10 @@ def instructions(config, models) -> Stage:
     """`num_instructions` instructions from the pre-query template alone (Magpie: temperature 1.0, top_p 1.0)."""
     pre_query = models.pre_query
     return Stage(
-        name="instructions", kind=MODEL, desc="Generating instructions", apply=generate_instructions,
+        name="instructions",
+        kind=MODEL,
+        desc="Generating instructions",
+        apply=generate_instructions,
         start=partial(uuid_rows, config.seed, config.num_instructions),
         reads=("uuid",),
         writes=(
@@ -90,16 +110,27 @@ def instructions(config, models) -> Stage:
             Column("prompt", "The conversation before the answer: `[{role: user, content: instruction}]`.", ROW),
             Column("instruction_finish_reason", "`stop` (the user's turn ended) or `length` (hit the token cap)."),
             Column("instruction_tokens", "Length of the instruction in generator tokens.", ROW_STATS),
-            Column("gen_input_configs", "Instruction sampling: generator, revision, pre-query template, "
-                   "temperature, top_p, seed.", PROVENANCE),
+            Column(
+                "gen_input_configs",
+                "Instruction sampling: generator, revision, pre-query template, temperature, top_p, seed.",
+                PROVENANCE,
+            ),
         ),
         settings=InstructionSettings(
-            tuple(pre_query.token_ids), pre_query.text,
-            SamplingParams(config.instruction_temperature, config.instruction_top_p, config.max_instruction_tokens,
-                           tuple(pre_query.instruction_stop_ids)),
-            config.seed, models.generator_revision,
+            tuple(pre_query.token_ids),
+            pre_query.text,
+            SamplingParams(
+                config.instruction_temperature,
+                config.instruction_top_p,
+                config.max_instruction_tokens,
+                tuple(pre_query.instruction_stop_ids),
+            ),
+            config.seed,
+            models.generator_revision,
         ),
         models={"generator": models.generator},
         runtime={"max_batch_size": config.generation_batch_size},
-        batch_size=config.shard_size, look_ahead=config.look_ahead, tally=instruction_tokens,
+        batch_size=config.shard_size,
+        look_ahead=config.look_ahead,
+        tally=instruction_tokens,
     )

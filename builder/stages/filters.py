@@ -36,8 +36,9 @@ def filter_prompts(batch: dict, *, generator: ModelSpec, settings: PromptFilterS
     tokenizer = load_tokenizer(generator)
     bos = bos_prefix(tokenizer)
     lengths, reasons = [], []
-    for instruction, finish_reason, prompt in zip(batch["instruction"], batch["instruction_finish_reason"],
-                                                  batch["prompt"]):
+    for instruction, finish_reason, prompt in zip(
+        batch["instruction"], batch["instruction_finish_reason"], batch["prompt"]
+    ):
         length = len(chat_prompt_ids(tokenizer, prompt, settings.day, bos))
         lengths.append(length)
         if not instruction:
@@ -53,10 +54,16 @@ def filter_prompts(batch: dict, *, generator: ModelSpec, settings: PromptFilterS
 
 def prompt_filter(config, models) -> Stage:
     return Stage(
-        name="filter", kind=ROWS, desc="Filtering instructions", apply=filter_prompts,
+        name="filter",
+        kind=ROWS,
+        desc="Filtering instructions",
+        apply=filter_prompts,
         reads=("instruction", "instruction_finish_reason", "prompt"),
-        writes=(Column("prompt_tokens", "Length of the chat prompt (template + instruction) in generator tokens.",
-                       ROW_STATS),),
+        writes=(
+            Column(
+                "prompt_tokens", "Length of the chat prompt (template + instruction) in generator tokens.", ROW_STATS
+            ),
+        ),
         drop_reasons=("empty", "truncated", "prompt_too_long"),
         settings=PromptFilterSettings(config.max_prompt_tokens, config.chat_template_date),
         models={"generator": models.generator},
@@ -70,7 +77,7 @@ def normalize_instruction(text: str) -> str:
 
 
 def mark_duplicates(instructions: list[str]) -> list[str]:
-    """"duplicate" for every later copy of an instruction (after normalisation), KEEP for the first."""
+    """ "duplicate" for every later copy of an instruction (after normalisation), KEEP for the first."""
     seen = set()
     marked = []
     for text in instructions:
@@ -86,5 +93,11 @@ def drop_exact_duplicates(rows: Dataset, *, settings=None) -> Dataset:
 
 
 def exact_duplicates(config) -> Stage:
-    return Stage(name="dedup", kind=TABLE, apply=drop_exact_duplicates, reads=("instruction",),
-                 drop_reasons=("duplicate",), if_none_left="raise num_instructions")
+    return Stage(
+        name="dedup",
+        kind=TABLE,
+        apply=drop_exact_duplicates,
+        reads=("instruction",),
+        drop_reasons=("duplicate",),
+        if_none_left="raise num_instructions",
+    )

@@ -52,7 +52,11 @@ def binarize(config) -> Stage:
     """TRL's conversational preference format with an explicit prompt; `implicit_prompt` writes Magpie's published
     form (`chosen` = `[user, assistant]`, no `prompt` column)."""
     return Stage(
-        name="binarize", kind=ROWS, desc="Binarizing", apply=binarize_example, batched=False,
+        name="binarize",
+        kind=ROWS,
+        desc="Binarizing",
+        apply=binarize_example,
+        batched=False,
         reads=("prompt", "responses", "rewards"),
         writes=(
             Column("chosen", "The highest-scored response, as conversation turns.", ROW),
@@ -92,5 +96,6 @@ def split_sizes(dataset: DatasetDict) -> tuple[int, dict]:
 
 def train_test_split(config) -> Stage:
     """A seeded `train` / `test` split (Magpie DPO: 98% / 2%)."""
-    return Stage(name="split", kind=TABLE, apply=split, settings=SplitSettings(config.test_size, config.seed),
-                 tally=split_sizes)
+    return Stage(
+        name="split", kind=TABLE, apply=split, settings=SplitSettings(config.test_size, config.seed), tally=split_sizes
+    )

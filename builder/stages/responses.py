@@ -19,8 +19,15 @@ class ResponseSettings:
     day: str
 
 
-def generate_responses(batch: dict, rank: int | None, *, generator: ModelSpec, settings: ResponseSettings,
-                       max_batch_size: int = 64, next_batch: dict | None = None):
+def generate_responses(
+    batch: dict,
+    rank: int | None,
+    *,
+    generator: ModelSpec,
+    settings: ResponseSettings,
+    max_batch_size: int = 64,
+    next_batch: dict | None = None,
+):
     """Samples N responses per prompt, all N from one shared prefill of the chat prompt.
 
     Input columns: `uuid`, `prompt`. Output columns: `responses` (N strings), `response_finish_reasons` (N of
@@ -32,13 +39,22 @@ def generate_responses(batch: dict, rank: int | None, *, generator: ModelSpec, s
     bos = bos_prefix(tokenizer)
 
     def work(rows: dict):
-        return ([chat_prompt_ids(tokenizer, prompt, settings.day, bos) for prompt in rows["prompt"]],
-                [row_seed(settings.seed, "response", u, j) for u in rows["uuid"] for j in range(n)])
+        return (
+            [chat_prompt_ids(tokenizer, prompt, settings.day, bos) for prompt in rows["prompt"]],
+            [row_seed(settings.seed, "response", u, j) for u in rows["uuid"] for j in range(n)],
+        )
 
     prompts, seeds = work(batch)
-    completions, tokenizer = sample_completions(generator, rank, prompts, seeds, settings.sampling, num_samples=n,
-                                                max_batch_size=max_batch_size,
-                                                then=work(next_batch) if next_batch else None)
+    completions, tokenizer = sample_completions(
+        generator,
+        rank,
+        prompts,
+        seeds,
+        settings.sampling,
+        num_samples=n,
+        max_batch_size=max_batch_size,
+        then=work(next_batch) if next_batch else None,
+    )
     config = {
         "output_generator": public_model_name(generator.name_or_path),
         "generator_revision": settings.generator_revision,
@@ -65,22 +81,40 @@ def response_tokens(rows) -> tuple[int, dict]:
 def responses(config, models) -> Stage:
     """`num_responses` per prompt (Magpie DPO: 5 at temperature 0.8), stopped at the end of the assistant's turn."""
     return Stage(
-        name="responses", kind=MODEL, desc="Generating responses", apply=generate_responses,
+        name="responses",
+        kind=MODEL,
+        desc="Generating responses",
+        apply=generate_responses,
         reads=("uuid", "prompt"),
         writes=(
             Column("responses", "All sampled responses, in sampling order.", CANDIDATES),
-            Column("response_finish_reasons", "`stop` (the model ended its turn) or `length` (hit the token cap), "
-                   "per response.", CANDIDATE_STATS),
+            Column(
+                "response_finish_reasons",
+                "`stop` (the model ended its turn) or `length` (hit the token cap), per response.",
+                CANDIDATE_STATS,
+            ),
             Column("response_tokens", "Length of each response in generator tokens.", CANDIDATE_STATS),
-            Column("gen_response_configs", "Response sampling: generator, revision, temperature, top_p, max tokens, "
-                   "N, seed.", PROVENANCE),
+            Column(
+                "gen_response_configs",
+                "Response sampling: generator, revision, temperature, top_p, max tokens, N, seed.",
+                PROVENANCE,
+            ),
         ),
         settings=ResponseSettings(
-            SamplingParams(config.response_temperature, config.response_top_p, config.max_response_tokens,
-                           tuple(models.pre_query.response_stop_ids)),
-            config.num_responses, config.seed, models.generator_revision, config.chat_template_date,
+            SamplingParams(
+                config.response_temperature,
+                config.response_top_p,
+                config.max_response_tokens,
+                tuple(models.pre_query.response_stop_ids),
+            ),
+            config.num_responses,
+            config.seed,
+            models.generator_revision,
+            config.chat_template_date,
         ),
         models={"generator": models.generator},
         runtime={"max_batch_size": config.generation_batch_size},
-        batch_size=config.shard_size, look_ahead=config.look_ahead, tally=response_tokens,
+        batch_size=config.shard_size,
+        look_ahead=config.look_ahead,
+        tally=response_tokens,
     )

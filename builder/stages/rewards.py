@@ -22,8 +22,9 @@ def reward_max_length(model, tokenizer, requested: int | None) -> int:
     return min(limit for limit in limits if limit)
 
 
-def score_responses(batch: dict, rank: int | None, *, reward: ModelSpec, settings: RewardSettings,
-                    batch_size: int = 16):
+def score_responses(
+    batch: dict, rank: int | None, *, reward: ModelSpec, settings: RewardSettings, batch_size: int = 16
+):
     """Scores every (prompt, response) pair with the reward model, through its own chat template.
 
     Input columns: `prompt`, `responses`. Output columns: `rewards` (N floats), `reward_inputs_truncated` (how
@@ -37,8 +38,9 @@ def score_responses(batch: dict, rank: int | None, *, reward: ModelSpec, setting
         cut = 0
         for response in responses:
             chat = [*prompt, {"role": "assistant", "content": response}]
-            ids = encode_chat_text(tokenizer, render_chat(tokenizer, chat, add_generation_prompt=False,
-                                                          day=settings.day), bos)
+            ids = encode_chat_text(
+                tokenizer, render_chat(tokenizer, chat, add_generation_prompt=False, day=settings.day), bos
+            )
             if len(ids) > max_length:
                 ids, cut = ids[:max_length], cut + 1
             sequences.append(ids)
@@ -59,16 +61,23 @@ def truncations(rows) -> tuple[int, dict]:
 
 def rewards(config, models) -> Stage:
     return Stage(
-        name="rewards", kind=MODEL, desc="Scoring responses", apply=score_responses,
+        name="rewards",
+        kind=MODEL,
+        desc="Scoring responses",
+        apply=score_responses,
         reads=("prompt", "responses"),
         writes=(
             Column("rewards", "The reward of each response, aligned with `responses`.", CANDIDATES),
-            Column("reward_inputs_truncated", "How many of the row's reward-model inputs were cut to the reward "
-                   "model's maximum.", ROW_STATS),
+            Column(
+                "reward_inputs_truncated",
+                "How many of the row's reward-model inputs were cut to the reward model's maximum.",
+                ROW_STATS,
+            ),
             Column("reward_model", "The reward model that scored the responses.", PROVENANCE),
         ),
         settings=RewardSettings(config.reward_max_length, config.chat_template_date, models.reward_revision),
         models={"reward": models.reward},
         runtime={"batch_size": config.reward_batch_size},
-        batch_size=config.shard_size, tally=truncations,
+        batch_size=config.shard_size,
+        tally=truncations,
     )

@@ -17,7 +17,6 @@ A model is named `tiny:<name>` in a config (a colon can never be part of a Hub i
 
 import json
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -27,12 +26,11 @@ from pathlib import Path
 
 from ..paths import cache_root
 
+
 TINY_PREFIX = "tiny:"
 # Bump when the tiny models change, so a cache from an older version is never reused.
 TINY_VERSION = "7"
-LLAMA3_SPLIT_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+LLAMA3_SPLIT_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 
 @dataclass(frozen=True)
@@ -50,31 +48,64 @@ class ChatFamily:
 LLAMA3_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 CHAT_FAMILIES = {
     "llama-3": ChatFamily(
-        "llama-3-8b-instruct.json", "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>",
-        LLAMA3_TOKENS + ("<|finetune_right_pad_id|>",), True, ("<|end_of_text|>", "<|eot_id|>"), ("<|eot_id|>",),
+        "llama-3-8b-instruct.json",
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        "<|finetune_right_pad_id|>",
+        LLAMA3_TOKENS + ("<|finetune_right_pad_id|>",),
+        True,
+        ("<|end_of_text|>", "<|eot_id|>"),
+        ("<|eot_id|>",),
     ),
     "llama-3.1": ChatFamily(
-        "llama-3.1-8b-instruct.json", "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>",
-        LLAMA3_TOKENS + ("<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>"), True,
-        ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"), ("<|eot_id|>",),
+        "llama-3.1-8b-instruct.json",
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        "<|finetune_right_pad_id|>",
+        LLAMA3_TOKENS + ("<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>"),
+        True,
+        ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
+        ("<|eot_id|>",),
     ),
     "qwen2.5": ChatFamily(
-        "qwen2.5-7b-instruct.json", None, "<|im_end|>", "<|endoftext|>",
-        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), False, ("<|im_end|>", "<|endoftext|>"), ("<|im_end|>",),
+        "qwen2.5-7b-instruct.json",
+        None,
+        "<|im_end|>",
+        "<|endoftext|>",
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        False,
+        ("<|im_end|>", "<|endoftext|>"),
+        ("<|im_end|>",),
     ),
     "gemma-2": ChatFamily(
-        "gemma-2-it.json", "<bos>", "<eos>", "<pad>",
-        ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"), True, ("<eos>", "<end_of_turn>"),
+        "gemma-2-it.json",
+        "<bos>",
+        "<eos>",
+        "<pad>",
+        ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"),
+        True,
+        ("<eos>", "<end_of_turn>"),
         ("<end_of_turn>",),
     ),
     "phi-3.5": ChatFamily(
-        "phi-3.5-mini-instruct.json", "<s>", "<|endoftext|>", "<pad>",
-        ("<s>", "</s>", "<pad>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), True,
-        ("<|endoftext|>", "<|end|>"), ("<|end|>",),
+        "phi-3.5-mini-instruct.json",
+        "<s>",
+        "<|endoftext|>",
+        "<pad>",
+        ("<s>", "</s>", "<pad>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+        True,
+        ("<|endoftext|>", "<|end|>"),
+        ("<|end|>",),
     ),
     "mistral": ChatFamily(
-        "mistral-7b-instruct-v0.2.json", "<s>", "</s>", "<pad>", ("<s>", "</s>", "<pad>", "[INST]", "[/INST]"), True,
-        ("</s>",), ("[/INST]", "</s>"),
+        "mistral-7b-instruct-v0.2.json",
+        "<s>",
+        "</s>",
+        "<pad>",
+        ("<s>", "</s>", "<pad>", "[INST]", "[/INST]"),
+        True,
+        ("</s>",),
+        ("[/INST]", "</s>"),
     ),
 }
 REWARD_MODELS = {
@@ -108,11 +139,16 @@ SIZES = {
     "tiny": TinyModelSpec(),
     "small": TinyModelSpec(
         # Grouped-query attention 4:1, as Llama-3 8B (32:8) and the other chat families have.
-        hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-        intermediate_size=1376, vocab_size=8192,
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=1376,
+        vocab_size=8192,
         # Measured on 96 instructions and 24 x 5 responses: instructions median 22 tokens, 18% at the 64 cap;
         # responses median 26, p90 99, 4% at the 128 cap (a few tokens to the cap, as with real models).
-        stop_probability=0.02, response_stop_probability=0.006,
+        stop_probability=0.02,
+        response_stop_probability=0.006,
     ),
 }
 
@@ -178,8 +214,10 @@ def tokenizer_corpus(num_lines: int = 3000, seed: int = 0) -> list[str]:
     """Deterministic pseudo-English: requests, answers, numbers, punctuation and line breaks, plus made-up
     words, so that BPE finds enough merges for an 8k vocabulary."""
     rng = random.Random(seed)
-    lines = [" ".join("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 4))) for _ in range(12))
-             for _ in range(num_lines)]
+    lines = [
+        " ".join("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 4))) for _ in range(12))
+        for _ in range(num_lines)
+    ]
     for _ in range(num_lines):
         words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 18))]
         if rng.random() < 0.3:
@@ -224,7 +262,9 @@ def build_tokenizer(family: ChatFamily, vocab_size: int):
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{family.bos} $A", pair=f"{family.bos} $A {family.bos} $B", special_tokens=[(family.bos, bos_id)]
         )
-    template = json.loads(resources.files("builder.testing").joinpath("chat_templates").joinpath(family.template_file).read_text())
+    template = json.loads(
+        resources.files("builder.testing").joinpath("chat_templates").joinpath(family.template_file).read_text()
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=family.bos,
@@ -303,8 +343,12 @@ def build_chat_model(family_name: str, folder: Path, spec: TinyModelSpec) -> Non
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(_llama_config(spec, tokenizer))
     model.eval()
-    _bias_turn_end(model, tokenizer.convert_tokens_to_ids(list(family.turn_end_tokens)), spec.stop_probability,
-                   spec.response_stop_probability or spec.stop_probability)
+    _bias_turn_end(
+        model,
+        tokenizer.convert_tokens_to_ids(list(family.turn_end_tokens)),
+        spec.stop_probability,
+        spec.response_stop_probability or spec.stop_probability,
+    )
     generation_eos = tokenizer.convert_tokens_to_ids(list(family.generation_eos))
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,

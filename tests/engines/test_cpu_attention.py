@@ -8,6 +8,7 @@ import torch
 
 from builder.engines.transformers.cpu import attention as cpu_attention
 
+
 needs_kernel = pytest.mark.skipif(cpu_attention.library() is None, reason="no C compiler to build the kernel with")
 
 
@@ -42,7 +43,7 @@ def test_the_kernel_computes_the_attention_torch_computes(groups, dim, prefix, c
     batch, kv_heads, buffer = 5, 3, 150
     # The rows' columns are a window of a wider buffer, as in the slot cache: strided, not contiguous.
     key_buffer, value_buffer = torch.randn(batch, kv_heads, buffer, dim), torch.randn(batch, kv_heads, buffer, dim)
-    key, value = key_buffer[:, :, 10:10 + columns], value_buffer[:, :, 10:10 + columns]
+    key, value = key_buffer[:, :, 10 : 10 + columns], value_buffer[:, :, 10 : 10 + columns]
     query = torch.randn(batch, kv_heads, groups, dim)
     prefix_keys, prefix_values = torch.randn(kv_heads, prefix, dim), torch.randn(kv_heads, prefix, dim)
     mask = torch.rand(batch, 1, 1, columns) < 0.6  # with holes, not only left padding
@@ -53,8 +54,9 @@ def test_the_kernel_computes_the_attention_torch_computes(groups, dim, prefix, c
         torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("cc") is None,
-                    reason="needs an x86-64 C compiler")
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64") or shutil.which("cc") is None, reason="needs an x86-64 C compiler"
+)
 def test_the_plain_c_path_for_processors_without_avx512_computes_the_same(monkeypatch, tmp_path):
     # This machine has AVX-512, so the kernel it builds takes the intrinsics; built for x86-64-v3 (AVX2), the same
     # source takes the plain C loops every other processor runs.
@@ -74,13 +76,21 @@ def test_a_rows_result_does_not_depend_on_the_batch_or_the_masked_columns_around
     key, value = torch.randn(batch, kv_heads, columns, dim), torch.randn(batch, kv_heads, columns, dim)
     prefix_keys, prefix_values = torch.randn(kv_heads, prefix, dim), torch.randn(kv_heads, prefix, dim)
     mask = torch.arange(columns)[None, :] >= torch.tensor([0, 30, 12, 39, 5, 20])[:, None]
-    together = cpu_attention.decode_attention(query, key, value, mask[:, None, None, :], prefix_keys, prefix_values,
-                                              0.125)
+    together = cpu_attention.decode_attention(
+        query, key, value, mask[:, None, None, :], prefix_keys, prefix_values, 0.125
+    )
     for row in range(batch):
         start = int((~mask[row]).sum())
         # The row alone, and only its live columns: bit for bit the same.
-        alone = cpu_attention.decode_attention(query[row:row + 1], key[row:row + 1, :, start:],
-                                               value[row:row + 1, :, start:], None, prefix_keys, prefix_values, 0.125)
+        alone = cpu_attention.decode_attention(
+            query[row : row + 1],
+            key[row : row + 1, :, start:],
+            value[row : row + 1, :, start:],
+            None,
+            prefix_keys,
+            prefix_values,
+            0.125,
+        )
         assert torch.equal(alone[0], together[row])
 
 
@@ -121,8 +131,9 @@ def test_a_bad_backend_is_refused_with_the_fix(monkeypatch):
 
 
 @pytest.mark.parametrize("compiler, reason", [("/nonexistent/cc", "no C compiler"), ("false", "could not build")])
-def test_without_a_working_compiler_attention_falls_back_to_torch_with_a_warning(compiler, reason, monkeypatch,
-                                                                                 tmp_path, caplog, one_thread):
+def test_without_a_working_compiler_attention_falls_back_to_torch_with_a_warning(
+    compiler, reason, monkeypatch, tmp_path, caplog, one_thread
+):
     monkeypatch.setenv("CC", compiler)
     monkeypatch.setenv("MAGPIE_BUILDER_CACHE", str(tmp_path))
     cpu_attention.library.cache_clear()

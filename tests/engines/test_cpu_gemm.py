@@ -6,6 +6,7 @@ from builder.engines.transformers.cpu import gemm as cpu_gemm
 from builder.models import ModelSpec, load_generator
 from builder.testing.tiny import resolve_model_path
 
+
 needs_onednn = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="this torch build has no oneDNN linear")
 
 
@@ -67,8 +68,9 @@ def test_small_products_stay_on_torch(monkeypatch):
         small, large = torch.randn(4, 512), torch.randn(2, 16, 512)  # 4 x 512 x 512 MACs; 32 x 512 x 512
         torch.testing.assert_close(layer(small), torch.nn.functional.linear(small, layer.weight, layer.bias))
         assert not calls
-        torch.testing.assert_close(layer(large), torch.nn.functional.linear(large, layer.weight, layer.bias),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            layer(large), torch.nn.functional.linear(large, layer.weight, layer.bias), atol=1e-5, rtol=1e-5
+        )
         assert calls == [32 * 512 * 512] and calls[0] >= cpu_gemm.ONEDNN_MIN_MACS > 4 * 512 * 512
 
 
@@ -81,13 +83,23 @@ def test_onednn_sees_a_few_row_counts_per_power_of_two(monkeypatch):
     layer = torch.nn.Linear(64, 48)
     cpu_gemm.route_linears(layer)
     with torch.inference_mode():
-        for shape in [(1, 64), (15, 64), (16, 64), (17, 64), (3, 7, 64), (2, 1, 64), (256, 1, 64), (257, 64),
-                      (999, 64)]:
+        for shape in [
+            (1, 64),
+            (15, 64),
+            (16, 64),
+            (17, 64),
+            (3, 7, 64),
+            (2, 1, 64),
+            (256, 1, 64),
+            (257, 64),
+            (999, 64),
+        ]:
             x = torch.randn(shape)
             got = layer(x)
             assert got.shape == (*shape[:-1], 48)
-            torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.weight, layer.bias),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                got, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5
+            )
     assert rows_seen == [1, 15, 16, 18, 22, 2, 256, 288, 1024]
     counts = {cpu_gemm.padded_row_count(rows) for rows in range(1, 4097)}
     assert len(counts) <= 8 * 12 + 8  # 1-8 as they are, then 8 per power of two

@@ -4,8 +4,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from builder.engines.transformers.generation import (SamplingParams, counter_uniform, inverse_cdf, prefill, sample, sample_next_tokens,
-                                shared_prefix, splitmix64)
+from builder.engines.transformers.generation import (
+    SamplingParams,
+    counter_uniform,
+    inverse_cdf,
+    prefill,
+    sample,
+    sample_next_tokens,
+    shared_prefix,
+    splitmix64,
+)
+
 
 MASK = (1 << 64) - 1
 
@@ -29,7 +38,7 @@ def test_counter_uniform_is_uniform_and_a_pure_function():
     seeds = torch.arange(20000, dtype=torch.int64)
     u = counter_uniform(seeds, step=5)
     assert u.shape == (20000,) and bool(((u > 0) & (u < 1)).all())
-    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.std().item() - 12 ** -0.5) < 0.01
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.std().item() - 12**-0.5) < 0.01
     assert torch.equal(u[7:8], counter_uniform(torch.tensor([7]), 5))  # a row does not depend on its batch
     assert not torch.equal(u, counter_uniform(seeds, 6))
 
@@ -91,8 +100,9 @@ def test_rows_do_not_depend_on_their_batch(tiny_model):
     params = SamplingParams(1.0, 1.0, 24, (tokenizer.convert_tokens_to_ids("<|eot_id|>"),))
     prompts = [tokenizer("Write a poem about the ocean").input_ids, tokenizer("Hi").input_ids]
     together = sample(model, prompts, [11, 22], params, pad_token_id=tokenizer.pad_token_id)
-    alone = [sample(model, [p], [s], params, pad_token_id=tokenizer.pad_token_id)[0]
-             for p, s in zip(prompts, [11, 22])]
+    alone = [
+        sample(model, [p], [s], params, pad_token_id=tokenizer.pad_token_id)[0] for p, s in zip(prompts, [11, 22])
+    ]
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
 
 
@@ -110,12 +120,19 @@ def test_stop_and_length_finish_reasons(tiny_model):
     model, tokenizer = load(tiny_model)
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     prompt = tokenizer("<|start_header_id|>user<|end_header_id|>\n\n", add_special_tokens=True).input_ids
-    capped = sample(model, [prompt], list(range(40)), SamplingParams(1.0, 1.0, 3, (eot,)), num_samples=40,
-                    pad_token_id=tokenizer.pad_token_id)
+    capped = sample(
+        model,
+        [prompt],
+        list(range(40)),
+        SamplingParams(1.0, 1.0, 3, (eot,)),
+        num_samples=40,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     for c in capped:
         assert eot not in c.token_ids
-        assert (c.finish_reason == "length" and len(c.token_ids) == 3) or (c.finish_reason == "stop"
-                                                                             and len(c.token_ids) < 3)
+        assert (c.finish_reason == "length" and len(c.token_ids) == 3) or (
+            c.finish_reason == "stop" and len(c.token_ids) < 3
+        )
     assert {c.finish_reason for c in capped} == {"stop", "length"}
 
 
@@ -143,11 +160,21 @@ def test_continuous_batching_gives_the_same_samples_at_every_batch_size(tiny_mod
     monkeypatch.setattr(generation.SlotCache, "move_rows", counting_move)
     model, tokenizer = load(tiny_model)
     params = SamplingParams(1.0, 1.0, 40, (tokenizer.convert_tokens_to_ids("<|eot_id|>"),))
-    prompts = [tokenizer(text).input_ids for text in ("Hi", "Write a poem about the ocean and the sky, please",
-                                                       "Explain", "Tell me a long story about dragons", "Why?")]
+    prompts = [
+        tokenizer(text).input_ids
+        for text in (
+            "Hi",
+            "Write a poem about the ocean and the sky, please",
+            "Explain",
+            "Tell me a long story about dragons",
+            "Why?",
+        )
+    ]
     seeds = list(range(100, 115))
-    runs = [sample(model, prompts, seeds, params, num_samples=3, pad_token_id=tokenizer.pad_token_id,
-                   max_batch_size=size) for size in (1, 4, 64)]
+    runs = [
+        sample(model, prompts, seeds, params, num_samples=3, pad_token_id=tokenizer.pad_token_id, max_batch_size=size)
+        for size in (1, 4, 64)
+    ]
     assert [c.token_ids for c in runs[1]] == [c.token_ids for c in runs[0]] == [c.token_ids for c in runs[2]]
     assert [c.finish_reason for c in runs[1]] == [c.finish_reason for c in runs[0]]
     lengths = {len(c.token_ids) for c in runs[0]}
@@ -168,13 +195,24 @@ def test_the_slot_cache_is_one_zeroed_block_from_the_first_prompt(tiny_model, mo
         fresh = not cache.layers[0].is_initialized
         fill(cache, rows, source, *args, **kwargs)
         if fresh:
-            seen.append([(layer.key_buffer.clone(), layer.value_buffer.clone(), layer.key_buffer.untyped_storage(),
-                          cache.mask.clone()) for layer in cache.layers])
+            seen.append(
+                [
+                    (
+                        layer.key_buffer.clone(),
+                        layer.value_buffer.clone(),
+                        layer.key_buffer.untyped_storage(),
+                        cache.mask.clone(),
+                    )
+                    for layer in cache.layers
+                ]
+            )
 
     monkeypatch.setattr(generation.SlotCache, "fill_rows", first_fill)
     model, tokenizer = load(tiny_model)
     params = SamplingParams(1.0, 1.0, 8, (tokenizer.convert_tokens_to_ids("<|eot_id|>"),))
-    sample(model, [tokenizer("Hi there").input_ids], [1, 2], params, num_samples=2, pad_token_id=tokenizer.pad_token_id)
+    sample(
+        model, [tokenizer("Hi there").input_ids], [1, 2], params, num_samples=2, pad_token_id=tokenizer.pad_token_id
+    )
     (layers,) = seen
     assert len(layers) == model.config.num_hidden_layers
     assert len({storage.data_ptr() for _, _, storage, _ in layers}) == 1  # one allocation for all layers
@@ -191,17 +229,26 @@ def greedy_without_cache(model, prompt, steps):
     with torch.no_grad():
         for _ in range(steps):
             ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def test_the_shared_prefix_runs_once_and_matches_a_full_recompute(monkeypatch):
-    from builder.engines.transformers import generation
     from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 
+    from builder.engines.transformers import generation
+
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        )
+    ).eval()
     prefix = [1, 5, 9, 3, 4, 4, 8]
     prompts = [prefix + [2], prefix + [7, 7, 7, 7, 7, 8, 9, 10], prefix + [3, 11], prefix + [6, 6, 6, 6]]
     expected = [greedy_without_cache(model, p, 12) for p in prompts]
@@ -249,7 +296,7 @@ def test_the_shared_prefix_runs_once_and_matches_a_full_recompute(monkeypatch):
     # The prefilled keys, values and logits themselves: right-aligned, they equal a prefill of the whole prompts.
     shared = shared_prefix(model, prompts)
     with torch.no_grad():
-        on_prefix, logits = prefill(model, [p[len(prefix):] for p in prompts], 0, shared)
+        on_prefix, logits = prefill(model, [p[len(prefix) :] for p in prompts], 0, shared)
         whole, whole_logits = prefill(model, prompts, 0)
     assert shared.length == len(prefix)
     torch.testing.assert_close(logits, whole_logits, atol=1e-5, rtol=1e-4)
@@ -257,24 +304,27 @@ def test_the_shared_prefix_runs_once_and_matches_a_full_recompute(monkeypatch):
         for p, prompt in enumerate(prompts):
             columns = slice(-len(prompt), None)
             torch.testing.assert_close(a.key_buffer[p, :, columns], b.key_buffer[p, :, columns], atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(a.value_buffer[p, :, columns], b.value_buffer[p, :, columns], atol=1e-5,
-                                       rtol=1e-4)
+            torch.testing.assert_close(
+                a.value_buffer[p, :, columns], b.value_buffer[p, :, columns], atol=1e-5, rtol=1e-4
+            )
 
 
 @pytest.mark.parametrize("masked", [True, False])
 def test_cascade_attention_equals_attention_over_the_prefix_copied_into_every_row(masked):
     from types import SimpleNamespace
 
-    from builder.engines.transformers.generation import SharedPrefix, _decode_prefix, cascade_attention
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from builder.engines.transformers.generation import SharedPrefix, _decode_prefix, cascade_attention
 
     torch.manual_seed(0)
     batch, heads, kv_heads, dim, own, length = 5, 8, 2, 16, 9, 6
     module = SimpleNamespace(layer_idx=1, num_key_value_groups=heads // kv_heads, is_causal=True)
     query = torch.randn(batch, heads, 1, dim)
     keys, values = torch.randn(batch, kv_heads, own, dim), torch.randn(batch, kv_heads, own, dim)
-    prefix = SharedPrefix(length, [(None, None), (torch.randn(1, kv_heads, length, dim),
-                                                  torch.randn(1, kv_heads, length, dim))])
+    prefix = SharedPrefix(
+        length, [(None, None), (torch.randn(1, kv_heads, length, dim), torch.randn(1, kv_heads, length, dim))]
+    )
     # Rows see their last 9, 4, 1, 7 and 2 own columns (left padding of a continuous batch).
     mask = torch.arange(own)[None, :] >= torch.tensor([0, 5, 8, 2, 7])[:, None]
     mask = mask[:, None, None, :] if masked else None
@@ -285,9 +335,14 @@ def test_cascade_attention_equals_attention_over_the_prefix_copied_into_every_ro
         _decode_prefix.reset(token)
     prefix_keys, prefix_values = prefix.layers[1]
     full_mask = None if mask is None else torch.cat([torch.ones(batch, 1, 1, length, dtype=torch.bool), mask], -1)
-    expected, _ = sdpa_attention_forward(module, query, torch.cat([prefix_keys.expand(batch, -1, -1, -1), keys], 2),
-                                         torch.cat([prefix_values.expand(batch, -1, -1, -1), values], 2), full_mask,
-                                         scaling=0.3)
+    expected, _ = sdpa_attention_forward(
+        module,
+        query,
+        torch.cat([prefix_keys.expand(batch, -1, -1, -1), keys], 2),
+        torch.cat([prefix_values.expand(batch, -1, -1, -1), values], 2),
+        full_mask,
+        scaling=0.3,
+    )
     assert got.shape == expected.shape == (batch, 1, heads, dim)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     # Outside a decode step it is plain SDPA.
@@ -302,9 +357,18 @@ def test_sliding_window_attention_matches_a_full_recompute():
 
     def model_with(window):
         torch.manual_seed(0)
-        return MistralForCausalLM(MistralConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, sliding_window=window, max_position_embeddings=128)).eval()
+        return MistralForCausalLM(
+            MistralConfig(
+                vocab_size=64,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                sliding_window=window,
+                max_position_embeddings=128,
+            )
+        ).eval()
 
     prompts = [[1, 5, 9, 3], [2, 7, 7, 7, 7, 7, 8, 9, 10], [3]]
     model = model_with(5)
@@ -317,11 +381,25 @@ def test_sliding_window_attention_matches_a_full_recompute():
 def test_a_model_with_non_attention_cache_layers_is_refused_with_the_fix():
     from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
-    model = Qwen3NextForCausalLM(Qwen3NextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
-        linear_value_head_dim=8, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
-        shared_expert_intermediate_size=16)).eval()
+    model = Qwen3NextForCausalLM(
+        Qwen3NextConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            linear_num_value_heads=2,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            num_experts=2,
+            num_experts_per_tok=1,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+        )
+    ).eval()
     with pytest.raises(ValueError, match="Qwen3NextForCausalLM has LinearAttentionLayer.*engine: vllm"):
         sample(model, [[1, 2, 3]], [0], SamplingParams(1.0, 1.0, 4, ()))
 
@@ -387,8 +465,11 @@ def test_a_next_call_with_uneven_seeds_is_refused_and_nothing_is_carried(tiny_mo
     model, tokenizer = load(tiny_model)
     params = SamplingParams(1.0, 1.0, 8, ())
     prompts = [tokenizer("Hi").input_ids, tokenizer("Why?").input_ids]
-    with pytest.raises(ValueError, match=r"sample\(then=...\) needs the same number of seeds for every prompt: "
-                                         r"got 3 for 2 prompts"):
+    with pytest.raises(
+        ValueError,
+        match=r"sample\(then=...\) needs the same number of seeds for every prompt: "
+        r"got 3 for 2 prompts",
+    ):
         sample(model, prompts, [1, 2], params, then=(prompts, [5, 6, 7]))
     assert generation._carried is None
     # An empty next call is no next call: nothing stays running.

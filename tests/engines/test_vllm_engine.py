@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from builder.engines import vllm as vllm_engine
 from builder.build import build, model_specs, pre_query_of
+from builder.engines import vllm as vllm_engine
+
 from conftest import small_config
 
 
@@ -36,8 +37,13 @@ class LLM:
     instances: list = []
 
     def __init__(self, model, revision=None, dtype="auto", tensor_parallel_size=1, trust_remote_code=False):
-        self.kwargs = dict(model=model, revision=revision, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-                           trust_remote_code=trust_remote_code)
+        self.kwargs = dict(
+            model=model,
+            revision=revision,
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            trust_remote_code=trust_remote_code,
+        )
         self.calls = []
         LLM.instances.append(self)
 
@@ -54,8 +60,11 @@ class LLM:
                 tokens = [rng.randint(20, 400) for _ in range(length)]
                 if length < params.max_tokens:  # ended by a stop token, which vLLM keeps in token_ids
                     tokens.append(params.stop_token_ids[0])
-                samples.append(types.SimpleNamespace(token_ids=tokens,
-                                                     finish_reason="stop" if length < params.max_tokens else "length"))
+                samples.append(
+                    types.SimpleNamespace(
+                        token_ids=tokens, finish_reason="stop" if length < params.max_tokens else "length"
+                    )
+                )
             outputs.append(types.SimpleNamespace(outputs=samples))
         return outputs
 
@@ -93,7 +102,7 @@ def test_build_with_the_vllm_engine(fake_vllm):
     assert all(p.stop_token_ids == pre_query.response_stop_ids for p in response_params)
     train = result.dataset["train"]
     assert all(len(r) == 3 for r in train["responses"])
-    assert set(r for row in train["response_finish_reasons"] for r in row) <= {"stop", "length"}
+    assert {r for row in train["response_finish_reasons"] for r in row} <= {"stop", "length"}
 
 
 def test_vllm_adapter_strips_the_stop_token_and_maps_finish_reasons(fake_vllm):

@@ -29,6 +29,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ..protocol import Completion, SamplingParams
 from .cpu import attention as cpu_attention
 
+
 PREFILL_TOKENS = 512  # padded prompt tokens per prefill pass (with fewer rows the matmuls run far below peak)
 
 # splitmix64 constants, as signed int64 (torch has no uint64 arithmetic; int64 multiplication wraps).
@@ -72,8 +73,14 @@ def counter_uniform(seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tens
 SAMPLING_BLOCK = 128  # tokens per block of the two-level CDF search
 
 
-def sample_next_tokens(logits: torch.Tensor, seeds: torch.Tensor, step: int | torch.Tensor,
-                       params: SamplingParams, *, overwrite: bool = False) -> torch.Tensor:
+def sample_next_tokens(
+    logits: torch.Tensor,
+    seeds: torch.Tensor,
+    step: int | torch.Tensor,
+    params: SamplingParams,
+    *,
+    overwrite: bool = False,
+) -> torch.Tensor:
     """One token per row by inverse-CDF sampling of the temperature-scaled, top-p-filtered distribution.
 
     One random number per row (not one per vocabulary entry) keeps the cost of sampling far below the model's. The
@@ -168,8 +175,10 @@ def _attention_layers_sliding(model) -> list[bool]:
     supported = (DynamicLayer, DynamicSlidingWindowLayer)
     unsupported = {type(layer).__name__ for layer in layers if type(layer) not in supported}
     if unsupported:
-        raise ValueError(f"The transformers engine caches attention layers only; {type(model).__name__} has "
-                         f"{', '.join(sorted(unsupported))}. Use `engine: vllm` for this model.")
+        raise ValueError(
+            f"The transformers engine caches attention layers only; {type(model).__name__} has "
+            f"{', '.join(sorted(unsupported))}. Use `engine: vllm` for this model."
+        )
     return [bool(getattr(layer, "is_sliding", False)) for layer in layers]
 
 
@@ -180,8 +189,9 @@ def new_cache(model, capacity: int) -> DynamicCache:
     return cache
 
 
-def pad_batch(sequences: list[list[int]], pad_token_id: int, *, left: bool,
-              device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(
+    sequences: list[list[int]], pad_token_id: int, *, left: bool, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids padded to the longest sequence, and the 0/1 mask of real tokens. Left padding for prompts to be
     continued (their last token is the last column); right padding for inputs a classifier reads at their last
     real token."""
@@ -223,13 +233,22 @@ def shared_prefix(model, sequences: list[list[int]], minimum: int = 1) -> Shared
     if length < minimum or any(_attention_layers_sliding(model)):
         return None
     cache = new_cache(model, length)
-    model(input_ids=torch.tensor([sequences[0][:length]], device=model.device), use_cache=True,
-          **cache_argument(model, cache))
+    model(
+        input_ids=torch.tensor([sequences[0][:length]], device=model.device),
+        use_cache=True,
+        **cache_argument(model, cache),
+    )
     return SharedPrefix(length, [(layer.key_buffer, layer.value_buffer) for layer in cache.layers])
 
 
-def prefill(model, prompts: list[list[int]], pad_token_id: int, shared: SharedPrefix | None = None,
-            causal_lm: bool = True, realign: bool = True):
+def prefill(
+    model,
+    prompts: list[list[int]],
+    pad_token_id: int,
+    shared: SharedPrefix | None = None,
+    causal_lm: bool = True,
+    realign: bool = True,
+):
     """Runs `prompts` in one left-padded batch, on top of `shared`'s keys and values when given (then `prompts` are
     the tokens after the shared prefix).
 
@@ -244,14 +263,23 @@ def prefill(model, prompts: list[list[int]], pad_token_id: int, shared: SharedPr
     cache = new_cache(model, root + width)
     if shared:
         for layer, (keys, values) in zip(cache.layers, shared.layers):
-            layer.hold(keys.new_empty((rows, keys.shape[1], root + width, keys.shape[-1])),
-                       values.new_empty((rows, values.shape[1], root + width, values.shape[-1])), root)
+            layer.hold(
+                keys.new_empty((rows, keys.shape[1], root + width, keys.shape[-1])),
+                values.new_empty((rows, values.shape[1], root + width, values.shape[-1])),
+                root,
+            )
             layer.key_buffer[:, :, :root], layer.value_buffer[:, :, :root] = keys, values
         mask = torch.cat([mask.new_ones((rows, root)), mask], dim=-1)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, root:]
     kwargs = {"logits_to_keep": 1} if causal_lm else {}
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **kwargs,
-                **cache_argument(model, cache))
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        use_cache=True,
+        **kwargs,
+        **cache_argument(model, cache),
+    )
     if shared and realign:
         # Row i is [prefix | padding | own tokens]; move the prefix right, next to its own tokens. Columns left of
         # the prefix keep a copy of what was there (prefix or padding keys): finite, and masked by every reader.
@@ -272,8 +300,9 @@ CASCADE_ATTENTION = "magpie_cascade"
 _decode_prefix: contextvars.ContextVar[SharedPrefix | None] = contextvars.ContextVar("decode_prefix", default=None)
 
 
-def cascade_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                      **kwargs):
+def cascade_attention(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs
+):
     """A decode step's attention over the shared prefix and each row's own columns, as one softmax.
 
     The rows' caches hold only their own tokens; the prefix's keys and values (`[1, kv_heads, P, dim]`, set for
@@ -284,8 +313,9 @@ def cascade_attention(module, query, key, value, attention_mask, dropout: float 
     """
     prefix = _decode_prefix.get()
     if prefix is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     prefix_keys, prefix_values = prefix.layers[module.layer_idx]
     batch, heads, q_length, dim = query.shape
     kv_heads, length = key.shape[1], prefix_keys.shape[-2]
@@ -294,24 +324,32 @@ def cascade_attention(module, query, key, value, attention_mask, dropout: float 
         key = torch.cat([prefix_keys.expand(batch, -1, -1, -1), key], dim=2)
         value = torch.cat([prefix_values.expand(batch, -1, -1, -1), value], dim=2)
         if attention_mask is not None:
-            opened = attention_mask.new_ones((*attention_mask.shape[:-1], length)) if attention_mask.dtype == torch.bool \
+            opened = (
+                attention_mask.new_ones((*attention_mask.shape[:-1], length))
+                if attention_mask.dtype == torch.bool
                 else attention_mask.new_zeros((*attention_mask.shape[:-1], length))
+            )
             attention_mask = torch.cat([opened, attention_mask], dim=-1)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     scaling = dim**-0.5 if scaling is None else scaling
     groups = heads // kv_heads
     # Grouped-query heads of one key/value head become rows of one small matmul (no repeated keys).
     query = query.reshape(batch, kv_heads, groups, dim)
     if cpu_attention.usable(query, key, value, attention_mask):
         # fp32 on CPU: one pass in C over the prefix and each row's live columns (see cpu_attention.py).
-        out = cpu_attention.decode_attention(query, key, value, attention_mask, prefix_keys[0], prefix_values[0],
-                                             scaling)
+        out = cpu_attention.decode_attention(
+            query, key, value, attention_mask, prefix_keys[0], prefix_values[0], scaling
+        )
         return out.reshape(batch, 1, heads, dim), None
     own = torch.matmul(query, key.transpose(-1, -2)).float() * scaling  # [batch, kv_heads, groups, columns]
     if attention_mask is not None:
-        own = own.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool \
+        own = (
+            own.masked_fill(~attention_mask, float("-inf"))
+            if attention_mask.dtype == torch.bool
             else own + attention_mask
+        )
     stacked = query.transpose(0, 1).reshape(kv_heads, batch * groups, dim)  # every row's queries, per head
     shared = torch.matmul(stacked, prefix_keys[0].transpose(-1, -2)).float() * scaling  # [kv_heads, batch*groups, P]
     shared = shared.view(kv_heads, batch, groups, length).transpose(0, 1)
@@ -331,8 +369,13 @@ def cascade_decoding(model, shared: SharedPrefix | None):
     """Switches `model` to `cascade_attention` for the block, yielding whether it did: only from SDPA (the masks
     and the fallback are SDPA's), with a shared prefix to read, and for models that can switch (transformers'
     attention interface). The model's implementation is restored on exit."""
-    if shared is None or model.config._attn_implementation != "sdpa" or not all(
-            hasattr(module, "layer_idx") for name, module in model.named_modules() if name.endswith("self_attn")):
+    if (
+        shared is None
+        or model.config._attn_implementation != "sdpa"
+        or not all(
+            hasattr(module, "layer_idx") for name, module in model.named_modules() if name.endswith("self_attn")
+        )
+    ):
         yield False
         return
     model.set_attn_implementation(CASCADE_ATTENTION)
@@ -414,8 +457,15 @@ class SlotCache(DynamicCache):
                 layer.key_buffer, layer.value_buffer = block[position, 0], block[position, 1]
                 layer.device, layer.is_initialized, layer.length = device, True, self.longest_prompt
 
-    def fill_rows(self, rows: torch.Tensor, source: DynamicCache, source_rows: torch.Tensor, width: int,
-                  prompt_lengths: torch.Tensor, skip: int = 0) -> None:
+    def fill_rows(
+        self,
+        rows: torch.Tensor,
+        source: DynamicCache,
+        source_rows: torch.Tensor,
+        width: int,
+        prompt_lengths: torch.Tensor,
+        skip: int = 0,
+    ) -> None:
         """Copies prefilled prompts (left-padded to `width` in `source`, after its first `skip` columns) into `rows`,
         ending at the write column. `prompt_lengths` counts the tokens copied."""
         if not self.layers[0].is_initialized:
@@ -545,8 +595,10 @@ class ContinuousBatch:
 
     def accepts(self, prompts: list[list[int]]) -> bool:
         """Whether `prompts` can join: they start with the prefix this batch shares, and fit its cache."""
-        return all(len(p) > self.root and p[: self.root] == self.prefix_tokens for p in prompts) and \
-            max(map(len, prompts)) - self.kept <= self.cache.longest_prompt
+        return (
+            all(len(p) > self.root and p[: self.root] == self.prefix_tokens for p in prompts)
+            and max(map(len, prompts)) - self.kept <= self.cache.longest_prompt
+        )
 
     def submit(self, prompts: list[list[int]], seeds: list[int], num_samples: int) -> Job:
         job = Job(prompts, seeds, num_samples, self.completion_count)
@@ -596,8 +648,13 @@ class ContinuousBatch:
         batch = self.batch
         prefix_token = _decode_prefix.set(self.shared if self.cascade else None)
         try:
-            out = self.model(input_ids=self.next_tokens[:batch, None], attention_mask=self.cache.decode_mask(),
-                             position_ids=self.positions[:batch, None], use_cache=True, **self.cache_kwarg)
+            out = self.model(
+                input_ids=self.next_tokens[:batch, None],
+                attention_mask=self.cache.decode_mask(),
+                position_ids=self.positions[:batch, None],
+                use_cache=True,
+                **self.cache_kwarg,
+            )
         finally:
             _decode_prefix.reset(prefix_token)
         self.positions[:batch] += 1
@@ -611,8 +668,9 @@ class ContinuousBatch:
         seeds = torch.tensor([self.seed_of[c] for c in held], dtype=torch.int64, device=self.device)
         tokens = sample_next_tokens(logits, seeds, steps, self.params, overwrite=True)
         self.next_tokens[batch_rows] = tokens
-        for row, completion, token, stopped in zip(batch_rows, held, tokens.tolist(),
-                                                   torch.isin(tokens, self.stop_ids).tolist()):
+        for row, completion, token, stopped in zip(
+            batch_rows, held, tokens.tolist(), torch.isin(tokens, self.stop_ids).tolist()
+        ):
             if stopped:
                 self.finish[completion] = "stop"
             else:
@@ -633,8 +691,13 @@ class ContinuousBatch:
                 break
             chunk.append(self.to_stage.popleft())
             longest = with_next
-        prefilled, logits = prefill(self.model, [self.prompts[p][self.root :] for p in chunk], self.pad_token_id,
-                                    self.shared, realign=not self.cascade)
+        prefilled, logits = prefill(
+            self.model,
+            [self.prompts[p][self.root :] for p in chunk],
+            self.pad_token_id,
+            self.shared,
+            realign=not self.cascade,
+        )
         for row, p in enumerate(chunk):
             self.staged[p] = (prefilled, row, logits)
 
@@ -656,8 +719,9 @@ class ContinuousBatch:
             target_rows = torch.tensor(targets, device=self.device)
             source_rows = torch.tensor([source_row for _, _, source_row in members], device=self.device)
             lengths = torch.tensor([len(self.prompts[self.prompt_of[c]]) for _, c, _ in members], device=self.device)
-            self.cache.fill_rows(target_rows, prefilled, source_rows, prefilled.layers[0].length - kept,
-                                 lengths - kept, skip=kept)
+            self.cache.fill_rows(
+                target_rows, prefilled, source_rows, prefilled.layers[0].length - kept, lengths - kept, skip=kept
+            )
             for row, completion, _ in members:
                 self.holder[row] = completion
             self.positions[target_rows] = lengths
@@ -730,23 +794,33 @@ def sample(
     global _carried
     then = then if then and then[1] else None
     if len(seeds) != len(prompts) * num_samples:
-        raise ValueError(f"sample() needs one seed per completion: got {len(seeds)} for {len(prompts)} x {num_samples}")
+        raise ValueError(
+            f"sample() needs one seed per completion: got {len(seeds)} for {len(prompts)} x {num_samples}"
+        )
     then_samples = len(then[1]) // max(1, len(then[0])) if then else 0
     if then and len(then[1]) != len(then[0]) * then_samples:
-        raise ValueError(f"sample(then=...) needs the same number of seeds for every prompt: got {len(then[1])} "
-                         f"for {len(then[0])} prompts")
+        raise ValueError(
+            f"sample(then=...) needs the same number of seeds for every prompt: got {len(then[1])} "
+            f"for {len(then[0])} prompts"
+        )
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
     if not seeds or params.max_new_tokens < 1:
         return [Completion([], "length") for _ in seeds]
 
     running, _carried = _carried, None
-    if running is None or running.model is not model or running.params != params or \
-            running.pad_token_id != pad_token_id or running.rows > max_batch_size or \
-            not running.jobs[0].is_for(prompts, seeds, num_samples):
+    if (
+        running is None
+        or running.model is not model
+        or running.params != params
+        or running.pad_token_id != pad_token_id
+        or running.rows > max_batch_size
+        or not running.jobs[0].is_for(prompts, seeds, num_samples)
+    ):
         coming = len(then[1]) if then else 0
-        running = ContinuousBatch(model, params, prompts + (then[0] if then else []),
-                                  min(max_batch_size, len(seeds) + coming), pad_token_id)
+        running = ContinuousBatch(
+            model, params, prompts + (then[0] if then else []), min(max_batch_size, len(seeds) + coming), pad_token_id
+        )
         running.submit(prompts, seeds, num_samples)
     if then and len(running.jobs) == 1 and running.accepts(then[0]):
         running.submit(*then, then_samples)

@@ -14,6 +14,7 @@ import torch
 
 from .generation import cache_argument, common_prefix_length, new_cache, pad_batch, prefill, shared_prefix
 
+
 MIN_SHARED_PREFIX = 8  # below this, one batched pass over whole sequences is cheaper than two passes
 
 
@@ -47,8 +48,9 @@ def score_sequences(model, token_ids: list[list[int]], pad_token_id: int, batch_
     scores = [math.nan] * len(token_ids)
     with torch.inference_mode():
         for chunk in reward_batches(token_ids, pad_token_id, batch_size):
-            input_ids, attention_mask = pad_batch([token_ids[i] for i in chunk], pad_token_id, left=False,
-                                                  device=model.device)
+            input_ids, attention_mask = pad_batch(
+                [token_ids[i] for i in chunk], pad_token_id, left=False, device=model.device
+            )
             output = model(input_ids=input_ids, attention_mask=attention_mask)
             for i, value in zip(chunk, _read_scores(output, len(chunk))):
                 scores[i] = value
@@ -57,12 +59,12 @@ def score_sequences(model, token_ids: list[list[int]], pad_token_id: int, batch_
 
 def shares_prefix(model) -> bool:
     """Only transformers' own classifiers are known to take a KV cache and pool the last token of the input."""
-    return type(model).__module__.startswith("transformers.models.") and \
-        type(model).__name__.endswith("ForSequenceClassification")
+    return type(model).__module__.startswith("transformers.models.") and type(model).__name__.endswith(
+        "ForSequenceClassification"
+    )
 
 
-def _prefix_cache(model, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int],
-                  capacity: int):
+def _prefix_cache(model, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int], capacity: int):
     """A cache holding one prefix per row (per layer: keys, values), left-padded to the longest, with room for
     `capacity` positions in all; and its 2D mask."""
     width = max(lengths)
@@ -72,8 +74,9 @@ def _prefix_cache(model, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]]
         keys = like.new_zeros((len(prefixes), like.shape[0], capacity, like.shape[-1]))
         layer.hold(keys, torch.zeros_like(keys), width)
         for row, (prefix, length) in enumerate(zip(prefixes, lengths)):
-            layer.key_buffer[row, :, width - length : width], layer.value_buffer[row, :, width - length : width] = \
+            layer.key_buffer[row, :, width - length : width], layer.value_buffer[row, :, width - length : width] = (
                 prefix[index]
+            )
     mask = torch.zeros((len(prefixes), width), dtype=torch.long)  # on the CPU, like the caller's suffix mask
     for row, length in enumerate(lengths):
         mask[row, width - length :] = 1
@@ -81,8 +84,9 @@ def _prefix_cache(model, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]]
 
 
 @torch.inference_mode()
-def score_with_shared_prefixes(model, groups: list[list[list[int]]], pad_token_id: int,
-                               batch_size: int) -> list[list[float]]:
+def score_with_shared_prefixes(
+    model, groups: list[list[list[int]]], pad_token_id: int, batch_size: int
+) -> list[list[float]]:
     """Scores groups of sequences that each start with their group's common prefix.
 
     The prefix all groups share (the template's system block and user header) runs once; each group's prefix runs
@@ -102,8 +106,10 @@ def score_with_shared_prefixes(model, groups: list[list[list[int]]], pad_token_i
         width = cache.layers[0].length
         for row, g in enumerate(chunk):
             columns = slice(width - prefix_lengths[g], width)
-            prefixes[g] = [(layer.key_buffer[row, :, columns].clone(), layer.value_buffer[row, :, columns].clone())
-                           for layer in cache.layers]
+            prefixes[g] = [
+                (layer.key_buffer[row, :, columns].clone(), layer.value_buffer[row, :, columns].clone())
+                for layer in cache.layers
+            ]
 
     items = [(g, j) for g, group in enumerate(groups) for j in range(len(group))]
     suffixes = [groups[g][j][prefix_lengths[g] :] for g, j in items]
@@ -116,8 +122,13 @@ def score_with_shared_prefixes(model, groups: list[list[list[int]]], pad_token_i
         cache, prefix_mask = _prefix_cache(model, [prefixes[g] for g in owners], lengths, max(lengths) + width)
         position_ids = torch.tensor(lengths)[:, None] + torch.arange(width)
         attention_mask = torch.cat([prefix_mask, suffix_mask], dim=-1)
-        output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                       position_ids=position_ids.to(device), use_cache=True, **cache_argument(model, cache))
+        output = model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device),
+            use_cache=True,
+            **cache_argument(model, cache),
+        )
         for i, value in zip(chunk, _read_scores(output, len(chunk))):
             g, j = items[i]
             scores[g][j] = value
@@ -129,11 +140,18 @@ def score_groups(model, groups: list[list[list[int]]], pad_token_id: int, batch_
     shared = []
     if shares_prefix(model):
         # A suffix ending in the pad id would be read one token early (see reward_batches).
-        shared = [g for g, group in enumerate(groups) if len(group) > 1
-                  and common_prefix_length(group) >= MIN_SHARED_PREFIX and all(s[-1] != pad_token_id for s in group)]
+        shared = [
+            g
+            for g, group in enumerate(groups)
+            if len(group) > 1
+            and common_prefix_length(group) >= MIN_SHARED_PREFIX
+            and all(s[-1] != pad_token_id for s in group)
+        ]
     scores: list[list[float] | None] = [None] * len(groups)
-    for g, group_scores in zip(shared, score_with_shared_prefixes(model, [groups[g] for g in shared], pad_token_id,
-                                                                  batch_size) if shared else []):
+    for g, group_scores in zip(
+        shared,
+        score_with_shared_prefixes(model, [groups[g] for g in shared], pad_token_id, batch_size) if shared else [],
+    ):
         scores[g] = group_scores
     rest = [g for g in range(len(groups)) if scores[g] is None]
     flat = score_sequences(model, [s for g in rest for s in groups[g]], pad_token_id, batch_size) if rest else []

@@ -38,6 +38,7 @@ import torch
 from ....paths import cache_root
 from .gemm import cpu_choice
 
+
 logger = logging.getLogger("magpie_builder")
 
 SOURCE = Path(__file__).with_name("attention.c")
@@ -66,8 +67,9 @@ def _compile(compiler: list[str], target: Path, flags: tuple[str, ...] = FLAGS) 
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
     try:
-        done = subprocess.run([*compiler, *flags, "-o", str(partial), str(SOURCE), "-lm"], capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run(
+            [*compiler, *flags, "-o", str(partial), str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120
+        )
         if done.returncode:
             raise RuntimeError(f"{' '.join(compiler)} failed: {done.stderr.strip()[-500:]}")
         os.replace(partial, target)
@@ -81,8 +83,11 @@ def library() -> ctypes.CDLL | None:
     command = shlex.split(os.environ.get("CC") or "cc")  # CC may carry flags, as in make
     compiler = shutil.which(command[0]) if command else None
     if compiler is None:
-        logger.warning("CPU attention: no C compiler (%s) found; decode attention runs in torch (slower). Install "
-                       "gcc or set CC, or set MAGPIE_CPU_ATTENTION=torch to silence this.", os.environ.get("CC", "cc"))
+        logger.warning(
+            "CPU attention: no C compiler (%s) found; decode attention runs in torch (slower). Install "
+            "gcc or set CC, or set MAGPIE_CPU_ATTENTION=torch to silence this.",
+            os.environ.get("CC", "cc"),
+        )
         return None
     command[0] = compiler
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
@@ -93,8 +98,11 @@ def library() -> ctypes.CDLL | None:
             _compile(command, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        logger.warning("CPU attention: could not build the C kernel (%s); decode attention runs in torch (slower). "
-                       "Set MAGPIE_CPU_ATTENTION=torch to silence this.", error)
+        logger.warning(
+            "CPU attention: could not build the C kernel (%s); decode attention runs in torch (slower). "
+            "Set MAGPIE_CPU_ATTENTION=torch to silence this.",
+            error,
+        )
         return None
     logger.info("CPU attention: decode steps run the C kernel %s", target)
     return bind(lib)
@@ -114,15 +122,25 @@ def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attentio
     tensors = (query, key, value)
     if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1 for t in tensors):
         return False
-    if attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.dim() != 4
-                                       or attention_mask.shape[1:3] != (1, 1)
-                                       or attention_mask.shape[-1] != key.shape[2]):
+    if attention_mask is not None and (
+        attention_mask.dtype != torch.bool
+        or attention_mask.dim() != 4
+        or attention_mask.shape[1:3] != (1, 1)
+        or attention_mask.shape[-1] != key.shape[2]
+    ):
         return False
     return torch.get_num_threads() == 1 and requested_backend() == "kernel" and library() is not None
 
 
-def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
-                     prefix_keys: torch.Tensor, prefix_values: torch.Tensor, scaling: float) -> torch.Tensor:
+def decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    prefix_keys: torch.Tensor,
+    prefix_values: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
     """The attention of each row's grouped query heads over the shared prefix and the row's own live columns, as one
     softmax of the scaled scores: `[batch, kv_heads, groups, dim]`.
 
@@ -140,10 +158,26 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     mask = attention_mask.expand(batch, -1, -1, -1)[:, 0, 0, :] if attention_mask is not None else None
     mask_strides = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
     failed = library().decode_attention(
-        query.data_ptr(), key.data_ptr(), value.data_ptr(), mask.data_ptr() if mask is not None else None,
-        prefix_keys.data_ptr(), prefix_values.data_ptr(), batch, kv_heads, groups, dim, columns, prefix,
-        *key.stride()[:3], *value.stride()[:3], *mask_strides, *prefix_keys.stride()[:2],
-        *prefix_values.stride()[:2], scaling, out.data_ptr())
+        query.data_ptr(),
+        key.data_ptr(),
+        value.data_ptr(),
+        mask.data_ptr() if mask is not None else None,
+        prefix_keys.data_ptr(),
+        prefix_values.data_ptr(),
+        batch,
+        kv_heads,
+        groups,
+        dim,
+        columns,
+        prefix,
+        *key.stride()[:3],
+        *value.stride()[:3],
+        *mask_strides,
+        *prefix_keys.stride()[:2],
+        *prefix_values.stride()[:2],
+        scaling,
+        out.data_ptr(),
+    )
     if failed:
         raise MemoryError(f"CPU attention kernel: no memory for its scratch ({groups} x {prefix + columns} floats)")
     return out

@@ -34,6 +34,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+
 logger = logging.getLogger("magpie_builder")
 
 GEMMS = ("onednn", "torch")
@@ -63,9 +64,14 @@ class OneDNNLinear(torch.nn.Linear):
     """An `nn.Linear` whose inference forward is oneDNN's fp32 GEMM; the same parameters and state dict."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if (input.numel() * self.out_features < ONEDNN_MIN_MACS or input.dtype != torch.float32
-                or input.device.type != "cpu" or self.weight.dtype != torch.float32
-                or torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad)):
+        if (
+            input.numel() * self.out_features < ONEDNN_MIN_MACS
+            or input.dtype != torch.float32
+            or input.device.type != "cpu"
+            or self.weight.dtype != torch.float32
+            or torch.is_grad_enabled()
+            and (input.requires_grad or self.weight.requires_grad)
+        ):
             return F.linear(input, self.weight, self.bias)
         return linear_padded_rows(input, self.weight, self.bias)
 
@@ -94,8 +100,10 @@ def cpu_choice(variable: str, choices: tuple[str, ...], default_is: str, torch_k
     value is an error that names the allowed ones."""
     value = os.environ.get(variable, choices[0])
     if value not in choices:
-        raise ValueError(f"{variable}={value!r} is not one of {', '.join(choices)}: unset it for {default_is}, or set "
-                         f"{variable}=torch to keep {torch_keeps}.")
+        raise ValueError(
+            f"{variable}={value!r} is not one of {', '.join(choices)}: unset it for {default_is}, or set "
+            f"{variable}=torch to keep {torch_keeps}."
+        )
     return value
 
 
@@ -110,11 +118,17 @@ def route_linears(model: torch.nn.Module) -> int:
         return 0
     switched = 0
     for module in model.modules():
-        if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32 \
-                and module.weight.device.type == "cpu":
+        if (
+            type(module) is torch.nn.Linear
+            and module.weight.dtype == torch.float32
+            and module.weight.device.type == "cpu"
+        ):
             module.__class__ = OneDNNLinear
             switched += 1
     if switched:
-        logger.info("CPU: %d linear layers of %s run on oneDNN's fp32 GEMM (MAGPIE_CPU_GEMM=torch keeps torch's "
-                    "default)", switched, type(model).__name__)
+        logger.info(
+            "CPU: %d linear layers of %s run on oneDNN's fp32 GEMM (MAGPIE_CPU_GEMM=torch keeps torch's default)",
+            switched,
+            type(model).__name__,
+        )
     return switched
