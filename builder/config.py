@@ -103,9 +103,9 @@ class BuildConfig:
     )
     look_ahead: bool = _help(
         "Start each shard's samples in the rows the previous shard's tail frees (transformers "
-        "engine), instead of letting the batch empty at every shard's end: 21-42%% fewer decode "
-        "steps in the benchmark, which pays where a step costs about the same at any batch size "
-        "(GPUs; on CPU it is within noise). The samples have the same distribution, but a row's "
+        "engine), instead of letting the batch empty at every shard's end: fewer decode steps, which "
+        "pays where a step costs about the same at any batch size (GPUs). The samples have the same "
+        "distribution, but a row's "
         "last bits then depend on the shard before it, so a resumed build can differ from an "
         "uninterrupted one in a rare token.",
         default=False,

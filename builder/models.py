@@ -57,7 +57,7 @@ def resolve_dtype(spec: ModelSpec, device):
         return getattr(torch, spec.dtype)
     if device is None or device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
-    # bf16 on CPU is 50-150x slower than fp32 here; fp16 on CPU is worse.
+    # bf16 and fp16 are far slower than fp32 on CPUs without native support for them.
     return torch.float32
 
 

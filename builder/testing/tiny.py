@@ -145,8 +145,7 @@ SIZES = {
         num_key_value_heads=2,
         intermediate_size=1376,
         vocab_size=8192,
-        # Measured on 96 instructions and 24 x 5 responses: instructions median 22 tokens, 18% at the 64 cap;
-        # responses median 26, p90 99, 4% at the 128 cap (a few tokens to the cap, as with real models).
+        # Responses longer than instructions, and a few at the cap, as with real models (lengths: RESULTS.md).
         stop_probability=0.02,
         response_stop_probability=0.006,
     ),

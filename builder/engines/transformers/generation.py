@@ -7,8 +7,8 @@ Why not `model.generate`: three things a dataset builder needs that it does not 
 - Every sample has its own seed, and the random numbers are a pure function of (seed, step, token id): a row's
   text does not depend on the batch it landed in, so batch size, `num_proc`, sharding across nodes and resuming
   after a crash give the same dataset, up to float rounding (a matmul's last bits depend on its shape, which can
-  flip a near-tie token: about 1 response in 900 between shard and batch sizes 256 and 100, measured). A resumed
-  shard runs exactly as it first did, so resuming is exact.
+  flip a near-tie token; how often is in `benchmarks/RESULTS.md`). A resumed shard runs exactly as it first did,
+  so resuming is exact.
 - The N responses of one instruction share one prefill (the KV cache is repeated, not recomputed), so does the
   prefix all prompts start with (the chat template's system block and user header), and finished sequences are
   retired from the batch instead of decoding padding until the longest one ends.
@@ -86,7 +86,7 @@ def sample_next_tokens(
     One random number per row (not one per vocabulary entry) keeps the cost of sampling far below the model's. The
     CDF is searched in two levels, block sums first, then the cumulative sum of the one block the number falls in:
     a cumulative sum over the whole vocabulary runs sequentially on CPU, and with the softmax's normalisation and
-    the copies it was a tenth of a 256-row decode step of the small benchmark model (8 of 87 ms; 2 now, medians).
+    the copies it was a large share of a decode step (`benchmarks/RESULTS.md`).
     The weights are the unnormalised `exp(logits / T - max)`: the target is scaled by their total instead.
     `overwrite=True` lets float32 `logits` be used as the work buffer (the decode loop's own, not needed after).
     """
@@ -126,7 +126,7 @@ def inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor, block: int = SAMPL
 class PrefillLayer(DynamicLayer):
     """A KV-cache layer for a prefill (of prompts, or of reward prompts): keys and values written in place into a
     buffer of fixed capacity, handed out as views. (`DynamicLayer` appends with `torch.cat`, which copied the whole
-    cache at every decode step: more than half of a step's time on CPU, measured.) Sliding-window layers keep every
+    cache at every decode step, which dominated a CPU step.) Sliding-window layers keep every
     position too: the sliding mask, built from positions, hides the old ones.
     """
 
@@ -307,7 +307,7 @@ def cascade_attention(
 
     The rows' caches hold only their own tokens; the prefix's keys and values (`[1, kv_heads, P, dim]`, set for
     the step with `_decode_prefix`) are multiplied with all rows' queries in one matmul, instead of being copied
-    into every row and read `rows` times (a third of a step's attention at Magpie's prompt lengths, measured).
+    into every row and read `rows` times.
     Scores and softmax are those of transformers' eager attention (softmax in float32); SDPA runs every other
     forward (prefills, and any call outside a decode step).
     """
@@ -552,7 +552,7 @@ class ContinuousBatch:
 
     When enough rows have finished, waiting completions take them, so the batch stays full until the queue runs dry;
     then finished rows are retired once they are a thirty-second of the batch (retiring at every finish would copy
-    the live rows past the new end each time; an eighth left 7% of the tail's row-steps dead, measured). Prompts are
+    the live rows past the new end each time; waiting longer leaves rows dead). Prompts are
     prefilled once each (the N samples of a prompt share that prefill), shortest first within a job and a few
     hundred tokens per pass ahead of need, on top of the prefix all prompts share, which runs once. A completion's
     text does not depend on when it is admitted or what it shares a batch with: its random numbers are a function of
@@ -636,7 +636,7 @@ class ContinuousBatch:
         live = [r for r in range(self.batch) if self.holder[r] is not None]
         free_rows = self.rows - len(live)
         # Refill once a sixty-fourth of the batch is free (or everything): a refill copies staged prefills in (they
-        # run a few hundred tokens ahead), so it is cheap; at a sixteenth, 2.4% of the row-steps were dead rows.
+        # run a few hundred tokens ahead), so it is cheap, and waiting for more leaves rows dead.
         if self.waiting and (not live or free_rows >= min(len(self.waiting), max(1, self.rows // 64))):
             self._admit()
             return

@@ -1,11 +1,8 @@
 """A decode step's attention in C for fp32 on CPU, behind `generation.cascade_attention`.
 
 Why: in a decode step each row's query heads meet that row's own cached columns, which torch runs as one small
-matmul per row and key/value head (4 x 64 by 64 x columns, for the benchmark's small model): 512 of them per layer
-at 256 rows, each paying a call's overhead and computing far below peak, so attention took a quarter of the response
-stage on this CPU (4.9 of 19.7 s at K=256, measured), at a third of the memory bandwidth that reading the keys and
-values needs. It also read every column of the batch's window, masked or not: a third of them were masked (rows
-start at different columns). This kernel makes one pass per row and head over the shared prefix's columns (in cache:
+matmul per row and key/value head, each paying a call's overhead and computing far below peak, over every column
+of the batch's window, masked or not (`benchmarks/RESULTS.md` has what that cost). This kernel makes one pass per row and head over the shared prefix's columns (in cache:
 every row reads the same) and the row's live columns (scores, softmax, weighted values), fetching the next head's
 keys and values while it computes.
 
@@ -17,8 +14,8 @@ With no compiler, a failed build or `MAGPIE_CPU_ATTENTION=torch`, attention runs
 why). Only single-threaded fp32 CPU decode steps use it: a process given more torch threads keeps torch's matmuls,
 which use them; GPUs keep SDPA or flash attention.
 
-Numerics: fp32 throughout, sums in another order than torch's, so outputs differ in the last bits (about 1e-6
-relative, tested), as they do between batch shapes; a row's result from the kernel depends on that row alone.
+Numerics: fp32 throughout, sums in another order than torch's, so outputs differ in the last bits (the tests
+bound it), as they do between batch shapes; a row's result from the kernel depends on that row alone.
 """
 
 import ctypes

@@ -1,30 +1,19 @@
 """fp32 matrix products on CPU through oneDNN rather than torch's default BLAS.
 
-Why: torch's x86 wheels run fp32 `F.linear` on MKL, and MKL took no AVX-512 code on the AMD processor this
-project runs CI on (a 2-core AMD EPYC, Zen 5). There, on one thread, `torch.mm` of 1024^3 reaches 121 GFLOP/s,
-which is what AVX2 gives (32 FLOP per cycle), with `MKL_ENABLE_INSTRUCTIONS=AVX512` as without. oneDNN, which
-torch bundles and which chooses by instruction set, reaches 271 with AVX-512, and a reward-model forward of the
-benchmark's small model ran 1.9x faster. Both are fp32 with fp32 accumulation: results differ in the last bits,
-as they do between batch shapes.
+Why: torch's x86 wheels run fp32 `F.linear` on MKL, which picks its kernels by processor vendor and ran AVX2 code
+on the AMD processor of this project's CI, where oneDNN (bundled with torch, choosing by instruction set) runs
+AVX-512. Both are fp32 with fp32 accumulation: results differ in the last bits, as they do between batch shapes.
 
-Only inference goes this way, and only products of at least `ONEDNN_MIN_MACS` multiply-adds: oneDNN spends about
-10 us per call setting up, so below that torch's own is faster (measured: 0.2-0.8x at 8 rows x 64-512 features,
-1.2x at 8 x 512 x 512, 2.1x at 256 rows). With autograd recording, on another dtype or device, `F.linear` runs as
+Only inference goes this way, and only products of at least `ONEDNN_MIN_MACS` multiply-adds: below that, oneDNN's
+set-up per call costs more than it saves. With autograd recording, on another dtype or device, `F.linear` runs as
 before.
 
 Memory: oneDNN compiles kernels for each row count it meets, and a build meets every one from 1 to a few hundred
-(decode batches shrinking in the tail, prefill and reward widths). Kept, they grew the process without bound in
-practice: 12000 products of the small model's shapes at random row counts from 1 to 300 took anonymous memory to
-1017 MB and still climbing. Rounded up to one of `ONEDNN_ROWS_PER_OCTAVE` (8) counts per power of two (zero rows
-added, their outputs dropped) it stayed at 355 MB from the first 2000 on: 1-8 rows run as they are, 9-16 too,
-then steps of 2, 4, ... 32 from 256, so at most an eighth is added (at 256 decode rows, nothing). A fixed multiple
-of 16 kept less (251 MB), but runs a product of 1 row as 16 rows, and the tail's batches shrink to a few rows.
-The primitive cache is capped at 64 too
-(`ONEDNN_PRIMITIVE_CACHE_CAPACITY`, read when oneDNN first runs; the default 1024 kept more, and 64 was the fastest
-of 0 / 64 / 256 / 1024 on a K=256 build), and so is ideep's own cache in front of it (`LRU_CACHE_CAPACITY`, default
-1024): with that default, the heap in use grew from 168 to 226 MB over the shards of a K=1024 build of the
-benchmark's small model; at 64 it stays at 168-172 MB, in the same time. `MAGPIE_CPU_GEMM=torch` keeps torch's own
-for a whole process (for a CPU where it is faster: the benchmark prints both kernels' throughput).
+(decode batches shrinking in the tail, prefill and reward widths); kept, they grow the process without bound. So
+row counts are rounded up to one of `ONEDNN_ROWS_PER_OCTAVE` counts per power of two (zero rows added, their
+outputs dropped; at most an eighth added), and both oneDNN's primitive cache and ideep's cache in front of it are
+capped at 64. `MAGPIE_CPU_GEMM=torch` keeps torch's own for a whole process (for a CPU where it is faster: the
+benchmark prints both kernels' throughput). The figures behind each choice are in `benchmarks/RESULTS.md`.
 """
 
 import functools
