@@ -144,6 +144,12 @@ class BuildConfig:
         def fail(name: str, problem: str, fix: str):
             raise ValueError(f"`{name}` {problem}. {fix}")
 
+        # YAML reads `1` as an int: the same setting must be the same value (and key) however it is spelled.
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            if spec.type in (float, float | None) and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, spec.name, float(value))
+
         for name in ("generator_model", "reward_model"):
             if not getattr(self, name):
                 fail(name, "is not set", "Give a Hub id, a local folder, or tiny:<name> (e.g. tiny:chat-llama-3.1).")

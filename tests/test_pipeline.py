@@ -102,7 +102,7 @@ def test_a_column_written_but_not_declared_fails_the_build():
     with pytest.raises(StageError, match=r"words wrote \['stray'\] without declaring them"):
         _build_with(stage)
     declared_too_much = replace(stage, writes=(*stage.writes, Column("stray", "x"), Column("absent", "y")))
-    with pytest.raises(StageError, match=r"declares \['absent'\] in `writes` but did not write them"):
+    with pytest.raises(StageError, match=r"declares \['absent'\] but did not write them: return them"):
         _build_with(declared_too_much)
 
 
@@ -112,8 +112,10 @@ def _drop_all_short(batch, *, settings):
 
 def test_a_drop_reason_the_stage_does_not_declare_fails_the_build_and_declared_ones_are_counted():
     stage = Stage(name="short", kind=ROWS, apply=_drop_all_short, reads=("instruction",))
-    with pytest.raises(StageError, match=r"dropped rows as \['short'\], which it does not declare"):
+    with pytest.raises(StageError, match=r"returns `drop_reason` but declares no `drop_reasons`"):
         _build_with(stage)
+    with pytest.raises(StageError, match=r"dropped rows as \['short'\], which it does not declare"):
+        _build_with(replace(stage, drop_reasons=("long",)))
     result = _build_with(replace(stage, drop_reasons=("short",)))
     record = result.ledger.get("short")
     assert record.rows_in == record.rows_out + record.drops.get("short", 0)
@@ -144,6 +146,46 @@ def test_a_model_stage_sees_only_what_it_reads():
     )
     result = _build_with(stage)
     assert set(result.dataset["train"]["tag"]) == {"x"}
+
+
+def _rewrite_uuid(batch, rank, *, settings):
+    return {"uuid": ["zz"] * len(batch["uuid"]), "tag": ["x"] * len(batch["uuid"])}
+
+
+def test_a_stage_that_overwrites_a_column_must_declare_it():
+    stage = Stage(
+        name="tag", kind=MODEL, apply=_rewrite_uuid, reads=("uuid",), writes=(Column("tag", "A tag.", ROW_STATS),)
+    )
+    with pytest.raises(StageError, match=r"tag wrote \['uuid'\] without declaring them"):
+        _build_with(stage)
+
+
+def _shout(batch, *, settings):
+    return {"instruction": [t.upper() for t in batch["instruction"]]}
+
+
+def test_a_declared_overwrite_is_allowed_and_removing_a_spent_column_is_not_an_error():
+    # `instruction` is declared again (rewritten), and `prompt_tokens` is removed though no later stage reads it.
+    stage = Stage(
+        name="shout",
+        kind=ROWS,
+        apply=_shout,
+        reads=("instruction",),
+        writes=(Column("instruction", "The instruction, upper case.", SECTIONS[0]),),
+        removes=("prompt_tokens",),
+    )
+    result = _build_with(stage)
+    rows = [row for split in result.dataset.values() for row in split]
+    assert rows and all(row["instruction"] == row["instruction"].upper() for row in rows)
+    assert "prompt_tokens" not in result.dataset["train"].column_names
+
+
+def test_a_stage_defined_outside_a_module_file_is_refused_with_the_fix():
+    namespace = {}
+    exec("def apply(batch, *, settings):\n    return {}\n", namespace)  # as in a notebook or a REPL
+    stage = Stage(name="adhoc", kind=ROWS, apply=namespace["apply"], reads=("instruction",))
+    with pytest.raises(StageError, match=r"adhoc: .* is not defined in a module file.*define a stage's functions"):
+        keys.stage_key("", stage)
 
 
 def test_keys_chain_from_upstream(standard):
@@ -177,22 +219,49 @@ def test_the_code_version_ignores_docstrings_and_comments_not_code(tmp_path):
 
 def test_the_code_version_covers_stages_engines_templates_and_models_not_the_card_or_the_cli(standard):
     _, stages = standard
-    covered = {
-        path.relative_to(keys.PACKAGE).as_posix() for relative in keys.SHARED_CODE for path in keys._files(relative)
-    }
+    covered = set()
     for stage in stages:
         covered |= {f.relative_to(keys.PACKAGE).as_posix() for f in keys.code_files(stage.apply, stage.start)}
     assert {
         "engines/transformers/generation.py",
-        "engines/transformers/cpu/attention.c",
         "templates.py",
         "models.py",
         "sources/magpie.py",
         "stages/responses.py",
         "stages/pairs.py",
     } <= covered
-    assert "testing/chat_templates/llama-3.1-8b-instruct.json" in covered
-    assert not {p for p in covered if p.startswith(("publish/", "pipeline/")) or p in ("cli.py", "config.py")}
+    assert "stages/__init__.py" in covered  # row_seed: every sample's seed
+    assert not {p for p in covered if p.startswith("publish/") or p in ("cli.py", "config.py", "build.py")}
+    assert not {
+        p for p in covered if p.startswith("pipeline/") and p not in ("pipeline/__init__.py", "pipeline/stage.py")
+    }
+
+
+def test_the_code_version_follows_imports_and_data_files(standard, monkeypatch):
+    # A stage's key covers the helpers its module imports (the row seeds, in stages/__init__.py) and the data files
+    # the engines and test models read (a chat template), so a change there never reuses old batches.
+    _, stages = standard
+    apply = stages[3].apply  # responses
+    before = keys.code_version(apply)
+    original = keys.file_version
+    changed = set()
+    monkeypatch.setattr(keys, "file_version", lambda path: "changed" if path in changed else original(path))
+    for path in (keys.PACKAGE / "stages" / "__init__.py", keys.PACKAGE / "testing" / "chat_templates" / "phi-4.json"):
+        changed.add(str(path))
+        keys.shared_version.cache_clear()
+        assert keys.code_version(apply) != before, path
+        changed.clear()
+    keys.shared_version.cache_clear()
+    assert keys.code_version(apply) == before
+
+
+def test_a_setting_is_one_key_however_it_is_spelled():
+    # YAML reads `1` as an int; the command line and `1.0` give a float: the same build, the same keys.
+    assert small_config(response_temperature=1).response_temperature == 1.0
+    assert isinstance(small_config(min_reward_margin=0).min_reward_margin, float)
+    assert keys.digest(small_config(response_temperature=1).response_temperature) == keys.digest(1.0)
+    with pytest.raises(TypeError, match="Cannot key a object"):
+        keys.digest(object())
 
 
 def load_readme_stage(tmp_path):

@@ -1,6 +1,7 @@
 """Resume is exact and never stale: a rerun with any upstream setting changed gives what a fresh build gives, and
 reuses exactly the stages upstream of the change."""
 
+import hashlib
 import json
 import logging
 import shutil
@@ -114,13 +115,22 @@ def test_a_damaged_batch_file_is_recomputed_with_a_warning(tmp_path, caplog):
     header, body = files[1].read_bytes().split(b"\n", 1)
     files[1].write_bytes(header + b"\n" + body.replace(b'"stop"', b'"STOP"', 1))  # same length, wrong checksum
     files[2].write_text("{not json")
+    # Whole and checksummed, but not what the stage writes (a file from another version of the stage, say).
+    (scored,) = sorted(tmp_path.glob("rewards-*/*.json"))[:1]
+    outputs = json.loads(scored.read_bytes().split(b"\n", 1)[1])
+    del outputs["reward_model"]
+    body = json.dumps(outputs).encode()
+    check = hashlib.blake2b(body, digest_size=16).hexdigest()
+    scored.write_bytes(json.dumps({"rows": len(outputs["rewards"]), "blake2b": check}).encode() + b"\n" + body)
+    files.append(scored)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="magpie_builder"):
         again = build(config)
     damaged = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
-    assert len(damaged) == 3 and all("recomputing that batch" in m for m in damaged)
+    assert len(damaged) == 4 and all("recomputing that batch" in m for m in damaged)
+    assert any("not the stage's" in m for m in damaged)
     assert same_rows(again.dataset, first.dataset)
-    for path in files[:3]:  # rewritten whole
+    for path in files[:4]:  # rewritten whole
         header = json.loads(path.read_bytes().split(b"\n", 1)[0])
         assert header["rows"] > 0
 

@@ -20,6 +20,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from .stage import check_outputs
+
 
 logger = logging.getLogger("magpie_builder")
 
@@ -39,9 +41,9 @@ class BatchCache:
         payload = json.dumps([[name, batch[name]] for name in sorted(batch)], ensure_ascii=False)
         return self.folder / f"{hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()}.json"
 
-    def load(self, batch: dict, rows: int) -> dict | None:
-        """The outputs of a finished batch, or None. A file that fails its checksum or row count (a disk that
-        filled up, a file cut short by a copy) is reported and recomputed, never reused."""
+    def load(self, batch: dict, rows: int, columns: tuple[str, ...] | None = None) -> dict | None:
+        """The outputs of a finished batch, or None. A file that fails its checksum, its row count or the stage's
+        `columns` (a disk that filled up, a file cut short by a copy) is reported and recomputed, never reused."""
         if self.folder is None:
             return None
         path = self.path(batch)
@@ -55,7 +57,9 @@ class BatchCache:
             outputs = json.loads(body)
             if any(len(values) != rows for values in outputs.values()):
                 raise ValueError("a column has the wrong number of rows")
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            if columns is not None and sorted(outputs) != sorted(columns):
+                raise ValueError(f"it holds the columns {sorted(outputs)}, not the stage's {sorted(columns)}")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             logger.warning("Resume cache: %s is damaged (%s); recomputing that batch", path, error)
             return None
         return outputs
@@ -108,28 +112,30 @@ def cached_batch(
     *,
     function,
     reads: tuple[str, ...],
+    writes: tuple[str, ...],
+    stage_name: str,
     cache_root: str | None,
     key: str,
     next_batch: NextBatch | None = None,
     **kwargs,
 ) -> dict:
     """Runs `function(batch, rank, **kwargs)` on the batch's `reads` columns, unless this stage already wrote the
-    output of a batch with the same content. With `next_batch`, the function also gets the worker's next batch
-    (`next_batch=`), unless that one is in the cache.
+    output of a batch with the same content. The function must return exactly the `writes` columns. With
+    `next_batch`, the function also gets the worker's next batch (`next_batch=`), unless that one is in the cache.
 
     The output carries a `cached_batch` column (True where reused) that the runner counts and removes.
     """
     inputs = {name: batch[name] for name in reads}  # a stage sees what it declares, and that names its batch
     rows = len(batch[next(iter(batch))])
     cache = BatchCache(cache_root, key)
-    outputs = cache.load(inputs, rows)
+    outputs = cache.load(inputs, rows, writes)
     reused = outputs is not None
     if not reused:
         if next_batch is not None:
             upcoming = next_batch.after(indices, rank)
             upcoming = {name: upcoming[name] for name in reads} if upcoming else None
             kwargs["next_batch"] = upcoming if upcoming and not cache.has(upcoming) else None
-        outputs = function(inputs, rank, **kwargs)
+        outputs = check_outputs(stage_name, function(inputs, rank, **kwargs), writes)
         cache.save(inputs, rows, outputs)
     return {**outputs, "cached_batch": [reused] * rows}
 

@@ -18,14 +18,22 @@ from .keys import digest, stage_key
 from .ledger import Ledger
 from .ranks import Ranks, fresh_tables_folder, keep_only_tables_of
 from .resume import NextBatch, cached_batch, count_reused
-from .stage import DROP_REASON, KEEP, MODEL, ROWS, SECTIONS, TABLE, Column, Stage
+from .stage import (
+    DROP_REASON,
+    KEEP,
+    MODEL,
+    ROWS,
+    SECTIONS,
+    TABLE,
+    Column,
+    DeclaredOutputs,
+    Stage,
+    StageError,
+    check_outputs,
+)
 
 
 logger = logging.getLogger("magpie_builder")
-
-
-class StageError(ValueError):
-    """A stage that does not do what it declares; the message names the stage and the fix."""
 
 
 @dataclass
@@ -56,7 +64,7 @@ def check_declarations(stages: list[Stage]) -> None:
             raise StageError(f"Stage {stage.name} has `start`, but only the first stage may make rows.")
         if stage.start is not None:
             available.update(stage.reads)  # the source's rows, checked against its `writes` when they are made
-        missing = [column for column in stage.reads if column not in available]
+        missing = [column for column in (*stage.reads, *stage.removes) if column not in available]
         if missing:
             raise StageError(
                 f"Stage {stage.name} reads {missing}, which no stage before it writes: put it after the "
@@ -67,20 +75,15 @@ def check_declarations(stages: list[Stage]) -> None:
 
 
 def _check_columns(stage: Stage, before: list[str], after: list[str]) -> None:
+    """The table after a stage holds what it declares: every written column, and no other new or removed one."""
     added = [c for c in after if c not in before and c != DROP_REASON]
+    check_outputs(stage.name, dict.fromkeys([*added, *(c for c in stage.written if c in after)]), stage.written)
     removed = [c for c in before if c not in after]
-    expected = stage.written if stage.start is None else [c for c in stage.written if c not in before]
-    undeclared = [c for c in added if c not in expected]
-    if undeclared:
-        raise StageError(
-            f"Stage {stage.name} wrote {undeclared} without declaring them: add each to its `writes` "
-            "with a one-line description (and a section, if it is published)."
-        )
-    missing = [c for c in expected if c not in added]
-    if missing:
-        raise StageError(f"Stage {stage.name} declares {missing} in `writes` but did not write them.")
     if sorted(removed) != sorted(stage.removes):
-        raise StageError(f"Stage {stage.name} removed {removed} but declares `removes={list(stage.removes)}`.")
+        raise StageError(
+            f"Stage {stage.name} removed {removed} but declares `removes={list(stage.removes)}`: declare every "
+            "column it takes out of the table in `removes`, and no other."
+        )
 
 
 def _count_drops(stage: Stage, rows: Dataset, record) -> Dataset:
@@ -128,6 +131,8 @@ def _model_stage(
         fn_kwargs={
             "function": stage.apply,
             "reads": stage.reads,
+            "writes": stage.outputs(rows.column_names),
+            "stage_name": stage.name,
             "cache_root": resume_dir,
             "key": key,
             "next_batch": NextBatch(rows, stage.batch_size, workers) if stage.look_ahead else None,
@@ -153,7 +158,7 @@ def _apply(stage: Stage, rows: Dataset | None, key: str, ranks: Ranks, resume_di
         return _model_stage(stage, rows, key, ranks, resume_dir, num_proc)
     if stage.kind == ROWS:
         return rows.map(
-            stage.apply,
+            DeclaredOutputs(stage.apply, stage.name, stage.outputs(rows.column_names)),
             batched=stage.batched,
             batch_size=stage.batch_size,
             desc=stage.desc or stage.name,
@@ -240,7 +245,7 @@ def run(
 
 def _spend_columns(rows, later: list[Stage], internal: set[str]):
     """Removes the unpublished columns that no later stage reads."""
-    needed = {column for stage in later for column in stage.reads}
+    needed = {column for stage in later for column in (*stage.reads, *stage.removes)}
     names = next(iter(rows.values())).column_names if isinstance(rows, DatasetDict) else rows.column_names
     spent = [c for c in names if c in internal and c not in needed]
     return rows.remove_columns(spent) if spent else rows

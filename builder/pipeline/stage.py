@@ -32,6 +32,42 @@ KEEP = ""  # the `drop_reason` of a row that stays
 DROP_REASON = "drop_reason"
 
 
+class StageError(ValueError):
+    """A stage that does not do what it declares; the message names the stage and the fix."""
+
+
+def check_outputs(stage_name: str, outputs: dict, expected: tuple[str, ...]) -> dict:
+    """The columns a stage's function returned are exactly the ones it declares (`expected`)."""
+    if DROP_REASON in outputs and DROP_REASON not in expected:
+        raise StageError(
+            f"Stage {stage_name} returns `{DROP_REASON}` but declares no `drop_reasons`: declare every reason it can "
+            "give, so the ledger and the card can name them."
+        )
+    undeclared = [c for c in outputs if c not in expected]
+    if undeclared:
+        raise StageError(
+            f"Stage {stage_name} wrote {undeclared} without declaring them: add each to its `writes` with a "
+            "one-line description (and a section, if it is published)."
+        )
+    missing = [c for c in expected if c not in outputs]
+    if missing:
+        raise StageError(
+            f"Stage {stage_name} declares {missing} but did not write them: return them from its function, or take "
+            "them out of its `writes` (a stage with `drop_reasons` returns a `drop_reason` column)."
+        )
+    return outputs
+
+
+class DeclaredOutputs:
+    """A row stage's function, checked: it returns exactly the columns its stage declares."""
+
+    def __init__(self, function, stage_name: str, expected: tuple[str, ...]):
+        self.function, self.stage_name, self.expected = function, stage_name, expected
+
+    def __call__(self, *args, **kwargs) -> dict:
+        return check_outputs(self.stage_name, self.function(*args, **kwargs), self.expected)
+
+
 @dataclass(frozen=True)
 class Column:
     """Args:
@@ -108,3 +144,8 @@ class Stage:
     @property
     def written(self) -> list[str]:
         return [column.name for column in self.writes]
+
+    def outputs(self, existing: list[str]) -> tuple[str, ...]:
+        """What `apply` returns: its declared columns (less those a source's `start` made), and `drop_reason`."""
+        made = existing if self.start is not None else []
+        return (*(c for c in self.written if c not in made), *((DROP_REASON,) if self.drop_reasons else ()))
