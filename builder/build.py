@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from datasets import DatasetDict
 
 from .config import BuildConfig
-from .models import ModelSpec, model_info
+from .models import ModelInfo, ModelSpec, model_info
 from .pipeline import runner
 from .pipeline.ledger import Ledger
 from .pipeline.ranks import Ranks
@@ -78,8 +78,9 @@ def model_specs(config: BuildConfig, ranks: Ranks = Ranks()) -> tuple[ModelSpec,
     return generator, reward
 
 
-def pre_query_of(config: BuildConfig, generator: ModelSpec) -> PreQuery:
-    info = model_info(generator, "generator")
+def pre_query_of(config: BuildConfig, generator: ModelSpec, info: ModelInfo | None = None) -> PreQuery:
+    """The generator's pre-query template; `info` is its `model_info`, when the caller has it already."""
+    info = info or model_info(generator, "generator")
     return derive_pre_query(
         info.tokenizer,
         list(info.eos_ids),
@@ -94,11 +95,11 @@ def pre_query_of(config: BuildConfig, generator: ModelSpec) -> PreQuery:
 def check_models(config: BuildConfig, ranks: Ranks = Ranks()) -> BuildModels:
     """Both models (ids, remote-code opt-in, chat templates) and the pre-query, before any weights load."""
     generator, reward = model_specs(config, ranks)
-    generator_revision = model_info(generator, "generator").revision
+    generator_info = model_info(generator, "generator")
     reward_revision = model_info(reward, "reward").revision
-    pre_query = pre_query_of(config, generator)
+    pre_query = pre_query_of(config, generator, generator_info)
     logger.info("pre-query template (%s): %r", pre_query.source, pre_query.text)
-    return BuildModels(generator, reward, generator_revision, reward_revision, pre_query)
+    return BuildModels(generator, reward, generator_info.revision, reward_revision, pre_query)
 
 
 def build(config: BuildConfig, ranks: Ranks = Ranks(), stages=stages_for) -> BuildResult | None:

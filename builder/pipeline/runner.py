@@ -8,6 +8,7 @@ they are spent; at the end the published columns are put in their declared order
 
 import logging
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,6 @@ class RunResult:
     dataset: DatasetDict
     ledger: Ledger
     columns: list[Column]  # the published ones, in order
-    keys: dict[str, str]  # stage name -> key
 
 
 def published_columns(stages: list[Stage]) -> list[Column]:
@@ -93,9 +93,7 @@ def _count_drops(stage: Stage, rows: Dataset, record) -> Dataset:
             raise StageError(f"Stage {stage.name} declares drop reasons but wrote no `{DROP_REASON}` column.")
         return rows
     reasons = rows[DROP_REASON]
-    counts: dict[str, int] = {}
-    for reason in reasons:
-        counts[reason] = counts.get(reason, 0) + 1
+    counts = Counter(reasons)
     unknown = sorted(set(counts) - {KEEP, *stage.drop_reasons})
     if unknown:
         raise StageError(
@@ -190,12 +188,12 @@ def run(
     check_declarations(stages)
     resume_dir = str(Path(cache_dir or cache_root() / "batches")) if resume else None
     last_model = max((i for i, stage in enumerate(stages) if stage.kind == MODEL), default=-1)
-    ledger, keys, key = Ledger(), {}, ""
+    ledger, key = Ledger(), ""
     internal = {column.name for stage in stages for column in stage.writes if not column.published}
     tables = fresh_tables_folder(ranks.rank)
     rows: Dataset | DatasetDict | None = None
     for index, stage in enumerate(stages):
-        key = keys[stage.name] = stage_key(key, stage)
+        key = stage_key(key, stage)
         if stage.start is not None:
             rows = _on_file(stage.start(), tables, stage.name)
             undeclared = [c for c in rows.column_names if c not in stage.written]
@@ -240,7 +238,7 @@ def run(
         freed / 2**20,
     )
     logger.info("build summary\n%s", ledger.summary())
-    return RunResult(dataset, ledger, columns, keys)
+    return RunResult(dataset, ledger, columns)
 
 
 def _spend_columns(rows, later: list[Stage], internal: set[str]):
