@@ -16,7 +16,7 @@ from .pipeline.ledger import Ledger
 from .pipeline.ranks import Ranks
 from .pipeline.stage import Column, Stage
 from .sources import magpie
-from .stages import filters, pairs, responses, rewards
+from .stages import filters, language, near_dedup, pairs, responses, rewards, safety, select, tags
 from .templates import PreQuery, derive_pre_query
 
 
@@ -28,23 +28,37 @@ class BuildModels:
     """The build's models, checked before any weights load, and what was derived from them."""
 
     generator: ModelSpec
-    reward: ModelSpec
+    reward: ModelSpec | None
     generator_revision: str
-    reward_revision: str
+    reward_revision: str | None
     pre_query: PreQuery
+    judge: ModelSpec | None = None
+    judge_revision: str | None = None
+    guard: ModelSpec | None = None
+    guard_revision: str | None = None
+    embedder: ModelSpec | None = None
+    embedder_revision: str | None = None
 
 
 def stages_for(config: BuildConfig, models: BuildModels) -> list[Stage]:
     """The build, in order: each entry is one stage, declared in its own module."""
-    return [
+    stages = [
         magpie.instructions(config, models),  # the source: instructions from the pre-query template alone
         filters.prompt_filter(config, models),  # empty, truncated, prompt too long
         filters.exact_duplicates(config),
+        # Curation, each stage switched on in the config: Magpie's tags, near-duplicates, then the selection.
+        tags.tags(config, models) if config.tag_instructions else None,  # task category, difficulty, quality
+        safety.safety(config, models) if config.guard_model else None,
+        language.language(config) if config.detect_language else None,
+        near_dedup.embed(config, models) if config.near_dedup else None,
+        near_dedup.near_duplicates(config) if config.near_dedup else None,
+        select.select(config) if config.selects else None,  # rules, then select_max by task category
         responses.responses(config, models),  # N answers through the normal chat template
-        rewards.rewards(config, models),
+        rewards.judge_rewards(config, models) if config.reward_judge else rewards.rewards(config, models),
         pairs.binarize(config),  # chosen = highest reward, rejected = lowest
         pairs.train_test_split(config),
     ]
+    return [stage for stage in stages if stage is not None]
 
 
 @dataclass
@@ -54,11 +68,12 @@ class BuildResult:
     columns: list[Column]  # the published columns, in order, as the stages declare them
     pre_query: PreQuery
     config: BuildConfig
-    reward_revision: str
+    reward_revision: str | None
     built_at: str
+    models: BuildModels | None = None
 
 
-def model_specs(config: BuildConfig, ranks: Ranks = Ranks()) -> tuple[ModelSpec, ModelSpec]:
+def model_specs(config: BuildConfig, ranks: Ranks = Ranks()) -> tuple[ModelSpec, ModelSpec | None]:
     device = config.device
     if ranks.world_size > 1 and device == "auto":
         import torch
@@ -74,8 +89,45 @@ def model_specs(config: BuildConfig, ranks: Ranks = Ranks()) -> tuple[ModelSpec,
         tensor_parallel_size=config.tensor_parallel_size,
         **common,
     )
-    reward = ModelSpec(config.reward_model, config.reward_revision, config.reward_trust_remote_code, **common)
+    reward = None
+    if not config.reward_judge:
+        reward = ModelSpec(config.reward_model, config.reward_revision, config.reward_trust_remote_code, **common)
     return generator, reward
+
+
+def curation_specs(config: BuildConfig, generator: ModelSpec) -> dict[str, ModelSpec | None]:
+    """The judge (default: the generator itself, the same loaded model), the guard and the embedder, where used."""
+    judge = None
+    if config.tag_instructions or config.reward_judge:
+        judge = generator
+        if config.judge_model and config.judge_model != config.generator_model:
+            judge = ModelSpec(
+                config.judge_model,
+                config.judge_revision,
+                config.judge_trust_remote_code,
+                dtype=generator.dtype,
+                device=generator.device,
+                attn_implementation=generator.attn_implementation,
+            )
+    guard = None
+    if config.guard_model:
+        guard = ModelSpec(
+            config.guard_model,
+            config.guard_revision,
+            config.guard_trust_remote_code,
+            dtype=generator.dtype,
+            device=generator.device,
+            attn_implementation=generator.attn_implementation,
+        )
+    embedder = None
+    if config.near_dedup:
+        embedder = ModelSpec(
+            config.embedding_model,
+            config.embedding_revision,
+            config.embedding_trust_remote_code,
+            device=generator.device if generator.device != "sharded" else "auto",
+        )
+    return {"judge": judge, "guard": guard, "embedder": embedder}
 
 
 def pre_query_of(config: BuildConfig, generator: ModelSpec, info: ModelInfo | None = None) -> PreQuery:
@@ -92,14 +144,36 @@ def pre_query_of(config: BuildConfig, generator: ModelSpec, info: ModelInfo | No
     )
 
 
+ROLES = {"judge": "judge", "guard": "guard", "embedder": "embedding"}  # how errors name each model's config fields
+
+
 def check_models(config: BuildConfig, ranks: Ranks = Ranks()) -> BuildModels:
     """Both models (ids, remote-code opt-in, chat templates) and the pre-query, before any weights load."""
     generator, reward = model_specs(config, ranks)
     generator_info = model_info(generator, "generator")
-    reward_revision = model_info(reward, "reward").revision
+    reward_revision = model_info(reward, "reward").revision if reward else None
     pre_query = pre_query_of(config, generator, generator_info)
     logger.info("pre-query template (%s): %r", pre_query.source, pre_query.text)
-    return BuildModels(generator, reward, generator_info.revision, reward_revision, pre_query)
+    curation = curation_specs(config, generator)
+    revisions = {
+        role: (generator_info.revision if spec is generator else model_info(spec, ROLES[role]).revision)
+        if spec
+        else None
+        for role, spec in curation.items()
+    }
+    return BuildModels(
+        generator,
+        reward,
+        generator_info.revision,
+        reward_revision,
+        pre_query,
+        judge=curation["judge"],
+        judge_revision=revisions["judge"],
+        guard=curation["guard"],
+        guard_revision=revisions["guard"],
+        embedder=curation["embedder"],
+        embedder_revision=revisions["embedder"],
+    )
 
 
 def build(config: BuildConfig, ranks: Ranks = Ranks(), stages=stages_for) -> BuildResult | None:
@@ -118,5 +192,5 @@ def build(config: BuildConfig, ranks: Ranks = Ranks(), stages=stages_for) -> Bui
         return None
     built_at = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     return BuildResult(
-        run.dataset, run.ledger, run.columns, models.pre_query, config, models.reward_revision, built_at
+        run.dataset, run.ledger, run.columns, models.pre_query, config, models.reward_revision, built_at, models
     )

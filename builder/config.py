@@ -28,7 +28,7 @@ class BuildConfig:
     generator_trust_remote_code: bool = _help("Run the generator's own code. Opt-in only.", default=False)
     reward_model: str | None = _help(
         "The reward model that scores every response: a sequence classifier with one "
-        "label, or custom code whose output has `.score` (ArmoRM).",
+        "label, or custom code whose output has `.score` (ArmoRM). Not used with `reward_judge`.",
         default=None,
     )
     reward_revision: str | None = _help("Branch, tag or commit of the reward model on the Hub.", default=None)
@@ -84,6 +84,84 @@ class BuildConfig:
     implicit_prompt: bool = _help(
         "Write Magpie's published form: chosen/rejected are [user, assistant] and there is no prompt column.",
         default=False,
+    )
+    reward_judge: bool = _help(
+        "Score responses with the judge model instead of a reward model: its 1-10 rating by label scoring, the "
+        "probability-weighted mean rating as the reward (for languages and domains no reward model serves).",
+        default=False,
+    )
+    # Curation (Magpie's tags, near-duplicates and selection); every stage is off unless switched on
+    judge_model: str | None = _help(
+        "The chat model that tags instructions and, with `reward_judge`, rates responses; default: the generator.",
+        default=None,
+    )
+    judge_revision: str | None = _help("Branch, tag or commit of the judge on the Hub.", default=None)
+    judge_trust_remote_code: bool = _help("Run the judge's own code. Opt-in only.", default=False)
+    tag_instructions: bool = _help(
+        "Tag every instruction with task_category, difficulty and input_quality by the judge (label scoring).",
+        default=False,
+    )
+    guard_model: str | None = _help(
+        "A Llama-Guard-style safety classifier (meta-llama/Llama-Guard-3-8B): when set, every instruction gets "
+        "`safety` = safe or unsafe:S<k>.",
+        default=None,
+    )
+    guard_revision: str | None = _help("Branch, tag or commit of the guard model on the Hub.", default=None)
+    guard_trust_remote_code: bool = _help("Run the guard model's own code. Opt-in only.", default=False)
+    detect_language: bool = _help("Detect every instruction's language (ISO 639-1, lingua, offline).", default=False)
+    near_dedup: bool = _help(
+        "Embed every instruction and find its nearest neighbours: min_neighbor_distance, repeat_count, "
+        "min_similar_uuid; later near-duplicates are dropped (see near_dedup_distance).",
+        default=False,
+    )
+    embedding_model: str = _help(
+        "The sentence-transformers model of near_dedup (Magpie: all-mpnet-base-v2).",
+        default="sentence-transformers/all-mpnet-base-v2",
+    )
+    embedding_revision: str | None = _help("Branch, tag or commit of the embedding model on the Hub.", default=None)
+    embedding_trust_remote_code: bool = _help("Run the embedding model's own code. Opt-in only.", default=False)
+    near_dedup_distance: float = _help(
+        "Squared L2 distance between unit embeddings under which two instructions are near-duplicates (Magpie: "
+        "0.05, cosine above about 0.975); the later one is dropped. 0 drops nothing (repeat_count still uses 0.05).",
+        default=0.05,
+    )
+    near_dedup_k: int = _help("Nearest neighbours searched per instruction.", default=100)
+    near_dedup_index: str = _help(
+        "flat (exact, fine for 100K on a CPU) or ivf (approximate, for millions of instructions).", default="flat"
+    )
+    near_dedup_nprobe: int = _help("Lists an ivf index searches per query (more: slower, more exact).", default=16)
+    select_min_input_quality: str | None = _help(
+        "Keep instructions of at least this input_quality (very poor, poor, average, good, excellent).", default=None
+    )
+    select_min_difficulty: str | None = _help(
+        "Keep instructions of at least this difficulty (very easy, easy, medium, hard, very hard).", default=None
+    )
+    select_safe_only: bool = _help("Keep only instructions the guard model calls safe.", default=False)
+    select_languages: list[str] = _help("Keep only instructions in these languages (ISO 639-1).", default_factory=list)
+    select_min_neighbor_distance: float = _help(
+        "Keep only instructions at least this far from their nearest neighbour (0: no rule).", default=0.0
+    )
+    select_max: int | None = _help(
+        "Keep at most this many instructions after the rules, per task category as select_category_policy says.",
+        default=None,
+    )
+    select_category_policy: str = _help(
+        "How select_max is shared by task category: balanced (equal quotas), proportional (as the rows that "
+        "passed the rules are), or shares (select_category_shares).",
+        default="balanced",
+    )
+    select_category_shares: list[str] = _help(
+        "With select_category_policy: shares, the share of each category as '<category>=<share>'.",
+        default_factory=list,
+    )
+    select_order: list[str] = _help(
+        "Which rows a category keeps first: columns compared in turn, best first (ordinal tags from their best "
+        "label, numbers from the highest, text ascending).",
+        default_factory=lambda: ["input_quality", "input_quality_confidence", "uuid"],
+    )
+    embedding_batch_size: int = _help("Instructions per embedding-model forward pass.", default=64)
+    judge_batch_size: int = _help(
+        "Prompt x label rows per forward pass of label scoring (tags, safety, judge reward).", default=64
     )
     # Engine, batching, processes, resume
     engine: str = _help(
@@ -150,7 +228,7 @@ class BuildConfig:
             if spec.type in (float, float | None) and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, spec.name, float(value))
 
-        for name in ("generator_model", "reward_model"):
+        for name in ("generator_model",) + (() if self.reward_judge else ("reward_model",)):
             if not getattr(self, name):
                 fail(name, "is not set", "Give a Hub id, a local folder, or tiny:<name> (e.g. tiny:chat-llama-3.1).")
         for name in (
@@ -163,6 +241,10 @@ class BuildConfig:
             "reward_batch_size",
             "num_proc",
             "tensor_parallel_size",
+            "near_dedup_k",
+            "near_dedup_nprobe",
+            "embedding_batch_size",
+            "judge_batch_size",
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(name, f"is {getattr(self, name)!r}", "Use a positive integer.")
@@ -194,10 +276,58 @@ class BuildConfig:
                 "is set together with pre_query_template",
                 "Put the system prompt into the raw pre_query_template, or drop the override.",
             )
+        self._check_curation(fail)
         if self.push_to_hub and not self.repo_id:
             fail("repo_id", "is not set but push_to_hub is", "Give repo_id as user/name.")
         if isinstance(self.language, str):
             self.language = [self.language]
+
+    def _check_curation(self, fail):
+        from .stages.select import POLICIES, parse_shares
+        from .stages.tags import ORDINAL
+
+        if self.near_dedup_index not in ("flat", "ivf"):
+            fail("near_dedup_index", f"is {self.near_dedup_index!r}", "Use flat or ivf.")
+        if not 0 <= self.near_dedup_distance <= 4:
+            fail("near_dedup_distance", f"is {self.near_dedup_distance}", "Use a squared L2 distance in [0, 4].")
+        for name, tag in (("select_min_input_quality", "input_quality"), ("select_min_difficulty", "difficulty")):
+            value = getattr(self, name)
+            if value is not None and value not in ORDINAL[tag]:
+                fail(name, f"is {value!r}", f"Use one of {', '.join(ORDINAL[tag])}.")
+        if self.select_category_policy not in POLICIES:
+            fail("select_category_policy", f"is {self.select_category_policy!r}", f"Use one of {', '.join(POLICIES)}.")
+        shares = parse_shares(self.select_category_shares)
+        if self.select_category_policy == "shares" and not any(share > 0 for _, share in shares):
+            fail("select_category_shares", "gives no positive share", "Give '<category>=<share>' entries.")
+        if any(share < 0 for _, share in shares):
+            fail("select_category_shares", "has a negative share", "Use shares of 0 or more.")
+        if self.select_max is not None and (not isinstance(self.select_max, int) or self.select_max < 1):
+            fail("select_max", f"is {self.select_max!r}", "Use a positive integer, or leave it unset.")
+        if isinstance(self.select_languages, str):
+            self.select_languages = [self.select_languages]
+        needs = {
+            "select_min_input_quality": ("tag_instructions", self.tag_instructions),
+            "select_min_difficulty": ("tag_instructions", self.tag_instructions),
+            "select_safe_only": ("guard_model", bool(self.guard_model)),
+            "select_languages": ("detect_language", self.detect_language),
+            "select_min_neighbor_distance": ("near_dedup", self.near_dedup),
+            "select_max": ("tag_instructions", self.tag_instructions),
+        }
+        for name, (stage, on) in needs.items():
+            if getattr(self, name) and not on:
+                fail(name, f"is set but {stage} is not", f"Switch on {stage}, or drop {name}.")
+
+    @property
+    def selects(self) -> bool:
+        """Whether any selection rule or cap is set (the select stage runs)."""
+        return bool(
+            self.select_min_input_quality
+            or self.select_min_difficulty
+            or self.select_safe_only
+            or self.select_languages
+            or self.select_min_neighbor_distance
+            or self.select_max
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -124,7 +124,9 @@ def model_info(spec: ModelSpec, role: str) -> ModelInfo:
     from huggingface_hub.utils import HFValidationError
     from transformers import AutoConfig, GenerationConfig
 
-    auto_class = "AutoModelForCausalLM" if role == "generator" else "AutoModelForSequenceClassification"
+    auto_class = {"reward": "AutoModelForSequenceClassification", "embedding": "AutoModel"}.get(
+        role, "AutoModelForCausalLM"
+    )
     try:
         check_remote_code(spec, auto_class, role)
         path = resolve_model_path(spec.name_or_path)
@@ -135,7 +137,7 @@ def model_info(spec: ModelSpec, role: str) -> ModelInfo:
             f"`{role}_model` to a Hub id, a local model folder, or tiny:<name> (e.g. tiny:chat-llama-3.1)."
         ) from error
     eos = config.eos_token_id
-    if role == "generator":
+    if auto_class == "AutoModelForCausalLM":
         try:
             generation_eos = GenerationConfig.from_pretrained(path, revision=spec.revision).eos_token_id
             eos = generation_eos if generation_eos is not None else eos
@@ -143,10 +145,10 @@ def model_info(spec: ModelSpec, role: str) -> ModelInfo:
             pass
     eos_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
     tokenizer = load_tokenizer(spec)
-    if role == "reward" and tokenizer.chat_template is None:
+    if role in ("reward", "judge", "guard") and tokenizer.chat_template is None:
         raise ValueError(
-            f"The reward model {spec.name_or_path} has no chat template, so (instruction, response) "
-            "pairs cannot be rendered the way it was trained. Use a reward model that ships one."
+            f"The {role} model {spec.name_or_path} has no chat template, so its inputs cannot be rendered the way "
+            f"it was trained. Use a {role} model that ships one."
         )
     return ModelInfo(tokenizer, eos_ids, getattr(config, "_commit_hash", None) or spec.revision or "local")
 

@@ -10,7 +10,7 @@ from .protocol import Completion, SamplingParams
 
 
 ENGINES = ("transformers", "vllm")
-__all__ = ["ENGINES", "Completion", "SamplingParams", "sample_completions"]
+__all__ = ["ENGINES", "Completion", "SamplingParams", "sample_completions", "score_continuations"]
 
 
 def sample_completions(
@@ -55,6 +55,27 @@ def sample_completions(
         then=then,
     )
     return completions, tokenizer
+
+
+def score_continuations(
+    spec: ModelSpec, rank: int | None, prompts: list[list[int]], continuations: list[list[int]], max_rows: int = 64
+) -> list[list[float]]:
+    """Label scoring: for every prompt, the summed log-probability of each continuation (token ids both).
+
+    transformers prefills each prompt once and runs the continuations on its repeated keys and values
+    (`transformers/continuations.py`); vLLM reads them off its prompt log-probabilities.
+    """
+    if spec.engine == "vllm":
+        from .vllm import continuation_logprobs_vllm, load_vllm
+
+        return continuation_logprobs_vllm(load_vllm(spec, rank), prompts, continuations)
+    if spec.engine != "transformers":
+        raise ValueError(f"Unknown engine {spec.engine!r}: use one of {', '.join(ENGINES)}.")
+    from .transformers.continuations import continuation_logprobs
+
+    model, tokenizer = load_generator(spec, rank)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return continuation_logprobs(model, prompts, continuations, pad_id, max_rows=max_rows)
 
 
 def release_carried_work() -> None:

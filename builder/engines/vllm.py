@@ -63,3 +63,26 @@ def sample_vllm(
             reason = "length" if sample_output.finish_reason == "length" else "stop"
             completions.append(Completion(token_ids, reason))
     return completions
+
+
+def continuation_logprobs_vllm(llm, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+    """Label scoring on vLLM: every prompt + continuation as one request of one token, whose prompt
+    log-probabilities give each continuation token's log-probability after what precedes it."""
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm import TokensPrompt
+
+    pairs = [(p, c) for p in prompts for c in continuations]
+    requests = [TokensPrompt(prompt_token_ids=[*p, *c]) for p, c in pairs]
+    # Each position's dict always holds the prompt token itself; 1 rather than 0, which early V1 read as "off".
+    params = VllmSamplingParams(max_tokens=1, prompt_logprobs=1, detokenize=False)
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    totals = []
+    for output, (prompt, continuation) in zip(outputs, pairs):
+        positions = output.prompt_logprobs[len(prompt) : len(prompt) + len(continuation)]
+        if len(positions) != len(continuation) or any(
+            p is None or t not in p for p, t in zip(positions, continuation)
+        ):
+            raise RuntimeError("vLLM returned no prompt log-probability for a label token.")
+        totals.append(sum(p[t].logprob for p, t in zip(positions, continuation)))
+    count = len(continuations)
+    return [totals[i : i + count] for i in range(0, len(totals), count)]

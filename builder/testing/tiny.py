@@ -108,6 +108,17 @@ CHAT_FAMILIES = {
         ("[/INST]", "</s>"),
     ),
 }
+# The safety classifier of the safety stage: Llama-3.1 tokens and Llama-Guard-3-8B's real chat template.
+GUARD_FAMILY = ChatFamily(
+    "llama-guard-3-8b.json",
+    "<|begin_of_text|>",
+    "<|eot_id|>",
+    "<|finetune_right_pad_id|>",
+    LLAMA3_TOKENS + ("<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>"),
+    True,
+    ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
+    ("<|eot_id|>",),
+)
 REWARD_MODELS = {
     # name -> (class of model, score_mode of the custom-code model)
     "reward": ("sequence-classification", None),
@@ -115,7 +126,7 @@ REWARD_MODELS = {
     "reward-ties": ("custom-code", "constant"),
     "reward-nan": ("custom-code", "nan_on_odd_length"),
 }
-TINY_MODELS = sorted([f"chat-{name}" for name in CHAT_FAMILIES] + list(REWARD_MODELS))
+TINY_MODELS = sorted([f"chat-{name}" for name in CHAT_FAMILIES] + list(REWARD_MODELS) + ["guard", "embedder"])
 
 
 @dataclass(frozen=True)
@@ -337,7 +348,7 @@ def build_chat_model(family_name: str, folder: Path, spec: TinyModelSpec) -> Non
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
 
-    family = CHAT_FAMILIES[family_name]
+    family = GUARD_FAMILY if family_name == "guard" else CHAT_FAMILIES[family_name]
     tokenizer = build_tokenizer(family, spec.vocab_size)
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(_llama_config(spec, tokenizer))
@@ -389,10 +400,36 @@ def build_reward_model(name: str, folder: Path, spec: TinyModelSpec) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def build_embedder(folder: Path, spec: TinyModelSpec) -> None:
+    """A sentence-transformers model (a tiny random Llama encoder, mean pooling, unit length), saved as the real
+    ones are, so `SentenceTransformer(folder)` loads it as it would all-mpnet-base-v2."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import LlamaModel
+
+    tokenizer = build_tokenizer(CHAT_FAMILIES["llama-3.1"], spec.vocab_size)
+    torch.manual_seed(spec.seed + 2)
+    # No layers: the embedding is the mean of its tokens' (a bag of words), so texts that share most words are close
+    # and others far apart, as a trained embedder places paraphrases and unrelated texts.
+    config = _llama_config(spec, tokenizer)
+    config.num_hidden_layers = 0
+    encoder = LlamaModel(config)
+    with tempfile.TemporaryDirectory() as staging:
+        encoder.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        transformer = models.Transformer(staging, max_seq_length=256)
+        pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
+        SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device="cpu").save(str(folder))
+
+
 def build_tiny_model(name: str, folder: Path, spec: TinyModelSpec = SIZES["tiny"]) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if name.startswith("chat-"):
+    if name == "guard":
+        build_chat_model("guard", folder, spec)
+    elif name == "embedder":
+        build_embedder(folder, spec)
+    elif name.startswith("chat-"):
         build_chat_model(name[len("chat-") :], folder, spec)
     else:
         build_reward_model(name, folder, spec)

@@ -1,0 +1,171 @@
+"""Tags by an LLM judge: Magpie's task category, difficulty and input quality of every instruction, by label scoring.
+
+The judge reads one prompt per instruction (its rubric first, so every prompt shares that prefix, then the
+instruction), and each tag's label is not generated and parsed: every label of a tag is scored as the judge's
+continuation ("Difficulty: hard\n") and the most likely one is the tag, its share of the probability over the tag's
+labels the confidence. The labels are Magpie's (magpie-align/magpie `exp/str_utils.py`); the rubric is our own text
+in the same spirit.
+"""
+
+import math
+from dataclasses import dataclass
+
+from ..engines import score_continuations
+from ..models import ModelSpec, load_tokenizer
+from ..pipeline.stage import MODEL, ROW_STATS, Column, Stage
+from ..templates import bos_prefix, encode_chat_text, render_chat
+
+
+@dataclass(frozen=True)
+class Tag:
+    """Args:
+    name (`str`): the column (Magpie's name).
+    header (`str`): the answer line's header the judge continues after ("Difficulty").
+    labels (`tuple[str, ...]`): the closed label set, ordinal ones from worst to best.
+    rubric (`str`): what the judge is told the tag means.
+    """
+
+    name: str
+    header: str
+    labels: tuple[str, ...]
+    rubric: str
+
+
+TASK_CATEGORY = Tag(
+    "task_category",
+    "Task category",
+    (
+        "Information seeking",
+        "Reasoning",
+        "Planning",
+        "Editing",
+        "Coding & Debugging",
+        "Math",
+        "Role playing",
+        "Data analysis",
+        "Creative writing",
+        "Advice seeking",
+        "Brainstorming",
+        "Others",
+    ),
+    "the one main kind of task the user asks for. Information seeking: facts or explanations. Reasoning: logic, "
+    "puzzles, problem solving. Planning: plans, schedules, strategies. Editing: rewrite, correct or format a "
+    "given text. Coding & Debugging: write, review or fix code. Math: calculations and mathematical problems. "
+    "Role playing: the assistant takes on a character. Data analysis: interpret or process data or tables. "
+    "Creative writing: stories, poems, scripts. Advice seeking: personal or professional advice. Brainstorming: "
+    "generate ideas. Others: anything else.",
+)
+DIFFICULTY = Tag(
+    "difficulty",
+    "Difficulty",
+    ("very easy", "easy", "medium", "hard", "very hard"),
+    "how hard it is to answer the query well, for an expert who knows what the user needs (very easy, easy, "
+    "medium, hard, very hard).",
+)
+INPUT_QUALITY = Tag(
+    "input_quality",
+    "Input quality",
+    ("very poor", "poor", "average", "good", "excellent"),
+    "how clear, specific and coherent the query is. very poor: unclear, vague or incoherent, missing essential "
+    "context. poor: unclear or missing important details. average: moderately clear, may need some more "
+    "information. good: clear, specific and mostly well-formed. excellent: very clear, specific and "
+    "well-articulated, with all the context needed.",
+)
+TAGS = (TASK_CATEGORY, DIFFICULTY, INPUT_QUALITY)
+ORDINAL = {DIFFICULTY.name: DIFFICULTY.labels, INPUT_QUALITY.name: INPUT_QUALITY.labels}
+
+
+def judge_prompt(instruction: str, tags: tuple[Tag, ...]) -> str:
+    """The judge's user message: the rubric first (the prefix all prompts share), the instruction last."""
+    lines = "\n".join(f"{tag.header}: {tag.rubric}" for tag in tags)
+    return (
+        "You annotate queries that users send to an AI assistant, to curate a training set. Read the query and "
+        f"answer with {len(tags)} lines, each a header and exactly one of its labels:\n{lines}\n\n"
+        f"## User query\n\n{instruction}"
+    )
+
+
+def label_text(header: str, label: str) -> str:
+    # The line break closes the label, so a label that is a prefix of another ("1" of "10") is not favoured.
+    return f"{header}: {label}\n"
+
+
+def normalise(logprobs: list[float]) -> list[float]:
+    """Log-likelihoods of a closed label set -> their probabilities, summing to 1."""
+    top = max(logprobs)
+    weights = [math.exp(v - top) for v in logprobs]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def chat_ids(tokenizer, content: str, day: str, bos: list[int]) -> list[int]:
+    """A user message through the model's own chat template, with the assistant's generation header."""
+    return encode_chat_text(
+        tokenizer,
+        render_chat(tokenizer, [{"role": "user", "content": content}], add_generation_prompt=True, day=day),
+        bos,
+    )
+
+
+@dataclass(frozen=True)
+class TagSettings:
+    tags: tuple[Tag, ...]
+    day: str
+    judge_revision: str
+
+
+def tag_instructions(batch: dict, rank: int | None, *, judge: ModelSpec, settings: TagSettings, max_rows: int = 64):
+    """Labels every instruction with each tag by label scoring.
+
+    Input columns: `instruction`. Output columns: per tag `<tag>` (one of its labels) and `<tag>_confidence` (the
+    label's probability among the tag's labels).
+    """
+    tokenizer = load_tokenizer(judge)
+    bos = bos_prefix(tokenizer)
+    prompts = [
+        chat_ids(tokenizer, judge_prompt(text, settings.tags), settings.day, bos) for text in batch["instruction"]
+    ]
+    continuations, spans = [], []
+    for tag in settings.tags:
+        start = len(continuations)
+        continuations += [
+            tokenizer(label_text(tag.header, label), add_special_tokens=False)["input_ids"] for label in tag.labels
+        ]
+        spans.append((tag, start, len(continuations)))
+    scores = score_continuations(judge, rank, prompts, continuations, max_rows=max_rows)
+    out = {}
+    for tag, start, end in spans:
+        labels, confidences = [], []
+        for row in scores:
+            probabilities = normalise(row[start:end])
+            best = max(range(len(probabilities)), key=lambda i: (probabilities[i], -i))
+            labels.append(tag.labels[best])
+            confidences.append(probabilities[best])
+        out[tag.name], out[f"{tag.name}_confidence"] = labels, confidences
+    return out
+
+
+def tags(config, models) -> Stage:
+    """Task category, difficulty and input quality of every instruction, by the judge (default: the generator)."""
+    columns = []
+    for tag in TAGS:
+        columns += [
+            Column(tag.name, f"{tag.header} by the judge: one of {', '.join(tag.labels)}.", ROW_STATS),
+            Column(
+                f"{tag.name}_confidence",
+                f"The judge's probability of that {tag.header.lower()} among its labels.",
+                ROW_STATS,
+            ),
+        ]
+    return Stage(
+        name="tags",
+        kind=MODEL,
+        desc="Tagging instructions",
+        apply=tag_instructions,
+        reads=("instruction",),
+        writes=tuple(columns),
+        settings=TagSettings(TAGS, config.chat_template_date, models.judge_revision),
+        models={"judge": models.judge},
+        runtime={"max_rows": config.judge_batch_size},
+        batch_size=config.shard_size,
+    )
