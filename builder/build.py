@@ -46,12 +46,13 @@ def stages_for(config: BuildConfig, models: BuildModels) -> list[Stage]:
         magpie.instructions(config, models),  # the source: instructions from the pre-query template alone
         filters.prompt_filter(config, models),  # empty, truncated, prompt too long
         filters.exact_duplicates(config),
-        # Curation, each stage switched on in the config: Magpie's tags, near-duplicates, then the selection.
-        tags.tags(config, models) if config.tag_instructions else None,  # task category, difficulty, quality
-        safety.safety(config, models) if config.guard_model else None,
-        language.language(config) if config.detect_language else None,
+        # Curation, each stage switched on in the config. Near-duplicates go first (the judges then see fewer
+        # rows), the judge's tags last (another judge then recomputes only the tags and what follows them).
         near_dedup.embed(config, models) if config.near_dedup else None,
         near_dedup.near_duplicates(config) if config.near_dedup else None,
+        language.language(config) if config.detect_language else None,
+        safety.safety(config, models) if config.guard_model else None,
+        tags.tags(config, models) if config.tag_instructions else None,  # task category, difficulty, quality
         select.select(config) if config.selects else None,  # rules, then select_max by task category
         responses.responses(config, models),  # N answers through the normal chat template
         rewards.judge_rewards(config, models) if config.reward_judge else rewards.rewards(config, models),

@@ -172,7 +172,18 @@ def test_seed_recipe_config_is_valid_and_exact():
     config = parse_config(["--config", str(SEED_RECIPE)])
     assert config.generator_model == "meta-llama/Llama-3.1-70B-Instruct"
     assert config.reward_model == "RLHFlow/ArmoRM-Llama3-8B-v0.1" and config.reward_trust_remote_code
-    assert (config.num_instructions, config.num_responses, config.response_temperature) == (100_000, 5, 0.8)
+    assert (config.num_instructions, config.num_responses, config.response_temperature) == (300_000, 5, 0.8)
+    # Magpie's curation before the answers: tag, classify, detect, embed, then select 100K by category.
+    assert config.tag_instructions and config.detect_language and config.near_dedup
+    assert config.judge_model == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert config.guard_model == "meta-llama/Llama-Guard-3-8B"
+    assert config.embedding_model == "sentence-transformers/all-mpnet-base-v2" and config.near_dedup_distance == 0.05
+    assert (config.select_min_input_quality, config.select_safe_only, config.select_languages) == (
+        "good",
+        True,
+        ["en"],
+    )
+    assert (config.select_max, config.select_category_policy) == (100_000, "balanced")
     assert (config.instruction_temperature, config.instruction_top_p) == (1.0, 1.0)
     assert config.test_size == 0.02 and config.max_prompt_tokens == 1800 and config.license == "llama3.1"
 
@@ -188,8 +199,16 @@ def test_seed_recipe_script_runs_on_tiny_models(tmp_path):
         "tiny:chat-llama-3.1",
         "--reward_model",
         "tiny:reward-armo",
+        "--judge_model",
+        "tiny:chat-llama-3",
+        "--guard_model",
+        "tiny:guard",
+        "--embedding_model",
+        "tiny:embedder",
+        "--select_max",
+        "6",
         "--num_instructions",
-        "12",
+        "16",
         "--max_instruction_tokens",
         "48",
         "--max_response_tokens",
@@ -205,7 +224,9 @@ def test_seed_recipe_script_runs_on_tiny_models(tmp_path):
     ]
     assert recipe.main(overrides) == 0
     loaded = load_dataset(str(tmp_path))
-    assert sum(len(s) for s in loaded.values()) > 0
+    assert 0 < sum(len(s) for s in loaded.values()) <= 6
+    for row in loaded["train"]:
+        assert row["input_quality"] in ("good", "excellent") and row["safety"] == "safe" and row["language"] == "en"
     # The recipe strips Llama-3.1's default system block, as Magpie did.
     assert (
         loaded["train"][0]["gen_input_configs"]["pre_query_template"]

@@ -20,6 +20,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from .. import __version__
 from ..models import public_model_name
+from .curation import curation_context
 
 
 PLOT_FILE = "reward_distribution.png"
@@ -109,8 +110,9 @@ def public_config(config) -> dict:
     """The build config as it may be published: no output folder, no local paths (models show their name)."""
     values = config.to_dict()
     values.pop("output_dir", None)
-    for key in ("generator_model", "reward_model"):
-        values[key] = public_model_name(values[key])
+    for key in ("generator_model", "reward_model", "judge_model", "guard_model", "embedding_model"):
+        if values.get(key):
+            values[key] = public_model_name(values[key])
     return values
 
 
@@ -187,8 +189,9 @@ def render_card(result, *, repo_id: str | None = None, metadata: dict | None = N
             title=config.pretty_name or repo_id or "Magpie preference dataset",
             generator=public_model_name(config.generator_model),
             generator_revision=first_row["gen_input_configs"]["generator_revision"],
-            reward_model=public_model_name(config.reward_model),
-            reward_revision=result.reward_revision,
+            reward_model=reward_name(result),
+            reward_revision=result.reward_revision or (result.models.judge_revision if result.models else None),
+            reward_judge=config.reward_judge,
             pre_query_escaped=table_cell(json.dumps(pre_query.text, ensure_ascii=False)[1:-1]),
             pre_query_source=pre_query.source.replace("_", " "),
             system_prompt=table_cell(config.system_prompt) if config.system_prompt else None,
@@ -218,8 +221,18 @@ def render_card(result, *, repo_id: str | None = None, metadata: dict | None = N
             config_file=CONFIG_FILE,
             train_command=train_command(load_id),
             config_yaml=yaml.safe_dump(public_config(config), sort_keys=False, allow_unicode=True),
-            cite_armorm="armorm" in config.reward_model.lower(),
+            cite_armorm="armorm" in (config.reward_model or "").lower() and not config.reward_judge,
+            **curation_context(result),
         )
+
+
+def reward_name(result) -> str:
+    """The reward model, or the judge that rated the responses in its place."""
+    config = result.config
+    if config.reward_judge:
+        judge = result.models.judge.name_or_path if result.models and result.models.judge else config.generator_model
+        return public_model_name(judge)
+    return public_model_name(config.reward_model)
 
 
 VALIDATION_HEADING = "## Validation run"

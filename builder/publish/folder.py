@@ -1,7 +1,7 @@
 """Writing a build to a local folder that `load_dataset(folder)` reads exactly as it would the Hub repo.
 
-Both hold the same files: `data/{split}-*.parquet`, README.md (the card), the reward plot, `build_config.yaml` and
-`build_summary.json`.
+Both hold the same files: `data/{split}-*.parquet`, README.md (the card), the reward plot (and the curation plot when
+curation ran), `build_config.yaml` and `build_summary.json`.
 """
 
 import io
@@ -13,6 +13,7 @@ import yaml
 from datasets import DatasetDict
 
 from .card import CONFIG_FILE, PLOT_FILE, plot_rewards, public_config, render_card
+from .curation import CURATION_PLOT_FILE, curated_columns, plot_curation
 
 
 logger = logging.getLogger("magpie_builder")
@@ -43,12 +44,17 @@ def card_files(result, card) -> dict[str, bytes]:
     plot = io.BytesIO()
     plot_rewards(result.dataset, plot)
     config_yaml = yaml.safe_dump(public_config(result.config), sort_keys=False, allow_unicode=True)
-    return {
+    files = {
         README: str(card).encode(),
         PLOT_FILE: plot.getvalue(),
         CONFIG_FILE: config_yaml.encode(),
         SUMMARY_FILE: result.ledger.to_json().encode(),
     }
+    if curated_columns(result.dataset):
+        curation = io.BytesIO()
+        plot_curation(result.dataset, curation)
+        files[CURATION_PLOT_FILE] = curation.getvalue()
+    return files
 
 
 def write_files(folder: Path, files: dict[str, bytes]) -> None:

@@ -3,7 +3,8 @@
 As Magpie measures it (magpie-align/magpie `exp/gen_dis.py`): sentence embeddings (all-mpnet-base-v2 there), unit
 length, in a flat faiss index (`Dataset.add_faiss_index`), squared L2 distance to the k nearest neighbours.
 `min_neighbor_distance` is the distance to the nearest other row, `repeat_count` the number of rows closer than the
-threshold, `min_similar_uuid` the first row (in table order) of that group. A row whose group starts at an earlier
+threshold, `min_similar_uuid` the first row (in table order) of that group (a group larger than k is counted whole, by a range
+search). A row whose group starts at an earlier
 row is a near-duplicate: the first copy stays, the later ones are dropped.
 """
 
@@ -51,7 +52,7 @@ def embed_instructions(batch: dict, rank: int | None, *, embedder: ModelSpec, se
     vectors = model.encode(
         batch["instruction"], batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True
     )
-    return {"embedding": list(vectors.astype(np.float32))}
+    return {"embedding": vectors.astype(np.float32).tolist()}
 
 
 def embed(config, models) -> Stage:
@@ -121,7 +122,7 @@ def find_near_duplicates(rows: Dataset, *, settings: NeighbourSettings) -> Datas
             others, other_distances = row_ids[keep][: k - 1], row_distances[keep][: k - 1]
             nearest.append(float(other_distances[0]) if len(others) else None)
             close = others[other_distances < threshold]
-            if len(close) == k - 1 and close.min() > own:  # the group may reach past the k searched
+            if len(close) and len(close) == k - 1:  # the group may reach past the k searched: count it all
                 close = _group_members(faiss_index, queries[offset], threshold)
                 close = close[close != own]
             repeats.append(int(len(close)))

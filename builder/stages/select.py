@@ -70,8 +70,9 @@ def quotas(available: dict[str, int], total: int, policy: str, shares: dict[str,
     """Rows to take per category, at most `total` and never more than a category has.
 
     Each round hands the rows still to give out to the categories that can take more, in proportion to their
-    weights (equal for `balanced`, their sizes for `proportional`, the given shares for `shares`); largest
-    remainders first, ties to the category named first in sorted order, so the result is deterministic.
+    weights (equal for `balanced`, their sizes for `proportional`, the given shares for `shares`), the odd rows by
+    largest remainder (ties to the category first in sorted order, so the result is deterministic); what a full
+    category cannot take goes round again.
     """
     if policy == "proportional":
         weights = {c: float(n) for c, n in available.items()}
@@ -88,12 +89,13 @@ def quotas(available: dict[str, int], total: int, policy: str, shares: dict[str,
         weight = sum(weights[c] for c in open_)
         exact = {c: left * weights[c] / weight for c in open_}
         given = {c: min(int(exact[c]), available[c] - taken[c]) for c in open_}
-        if sum(given.values()) == 0:  # fewer rows left than categories: one each, largest remainder first
-            for c in sorted(open_, key=lambda c: -(exact[c] - int(exact[c])))[:left]:
-                given[c] = 1
+        rest = left - sum(given.values())
+        for c in sorted(open_, key=lambda c: (int(exact[c]) - exact[c], c)):  # largest remainder first
+            if rest and taken[c] + given[c] < available[c]:
+                given[c], rest = given[c] + 1, rest - 1
         for c, n in given.items():
             taken[c] += n
-            left -= n
+        left -= sum(given.values())
     return taken
 
 

@@ -110,7 +110,7 @@ CHAT_FAMILIES = {
 }
 # The safety classifier of the safety stage: Llama-3.1 tokens and Llama-Guard-3-8B's real chat template.
 GUARD_FAMILY = ChatFamily(
-    "llama-guard-3-8b.json",
+    "guards/llama-guard-3-8b.json",
     "<|begin_of_text|>",
     "<|eot_id|>",
     "<|finetune_right_pad_id|>",
@@ -272,9 +272,10 @@ def build_tokenizer(family: ChatFamily, vocab_size: int):
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{family.bos} $A", pair=f"{family.bos} $A {family.bos} $B", special_tokens=[(family.bos, bos_id)]
         )
-    template = json.loads(
-        resources.files("builder.testing").joinpath("chat_templates").joinpath(family.template_file).read_text()
-    )
+    folder = resources.files("builder.testing").joinpath("chat_templates")
+    for part in family.template_file.split("/"):
+        folder = folder.joinpath(part)
+    template = json.loads(folder.read_text())
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=family.bos,
