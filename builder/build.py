@@ -17,7 +17,7 @@ from .pipeline.ranks import Ranks
 from .pipeline.stage import Column, Stage
 from .sources import magpie
 from .stages import filters, language, near_dedup, pairs, responses, rewards, safety, select, tags
-from .templates import PreQuery, derive_pre_query
+from .templates import PreQuery, derive_pre_query, derive_stop_ids
 
 
 logger = logging.getLogger("magpie_builder")
@@ -38,6 +38,7 @@ class BuildModels:
     guard_revision: str | None = None
     embedder: ModelSpec | None = None
     embedder_revision: str | None = None
+    judge_stop_ids: tuple[int, ...] = ()  # the end of the judge's turn, where its generated tags stop
 
 
 def stages_for(config: BuildConfig, models: BuildModels) -> list[Stage]:
@@ -53,6 +54,7 @@ def stages_for(config: BuildConfig, models: BuildModels) -> list[Stage]:
         language.language(config) if config.detect_language else None,
         safety.safety(config, models) if config.guard_model else None,
         tags.tags(config, models) if config.tag_instructions else None,  # task category, difficulty, quality
+        tags.explanations(config, models) if config.tag_explanations else None,  # intent, knowledge, ...
         select.select(config) if config.selects else None,  # rules, then select_max by task category
         responses.responses(config, models),  # N answers through the normal chat template
         rewards.judge_rewards(config, models) if config.reward_judge else rewards.rewards(config, models),
@@ -149,19 +151,25 @@ ROLES = {"judge": "judge", "guard": "guard", "embedder": "embedding"}  # how err
 
 
 def check_models(config: BuildConfig, ranks: Ranks = Ranks()) -> BuildModels:
-    """Both models (ids, remote-code opt-in, chat templates) and the pre-query, before any weights load."""
+    """Every model (ids, remote-code opt-in, chat templates) and the pre-query, before any weights load."""
     generator, reward = model_specs(config, ranks)
     generator_info = model_info(generator, "generator")
     reward_revision = model_info(reward, "reward").revision if reward else None
     pre_query = pre_query_of(config, generator, generator_info)
     logger.info("pre-query template (%s): %r", pre_query.source, pre_query.text)
     curation = curation_specs(config, generator)
-    revisions = {
-        role: (generator_info.revision if spec is generator else model_info(spec, ROLES[role]).revision)
-        if spec
-        else None
+    infos = {
+        role: (generator_info if spec is generator else model_info(spec, ROLES[role])) if spec else None
         for role, spec in curation.items()
     }
+    revisions = {role: info.revision if info else None for role, info in infos.items()}
+    judge_stop_ids = ()
+    if config.tag_explanations:
+        judge = infos["judge"]
+        _, response_stop = derive_stop_ids(
+            judge.tokenizer, list(judge.eos_ids), curation["judge"].name_or_path, config.chat_template_date
+        )
+        judge_stop_ids = tuple(response_stop)
     return BuildModels(
         generator,
         reward,
@@ -174,6 +182,7 @@ def check_models(config: BuildConfig, ranks: Ranks = Ranks()) -> BuildModels:
         guard_revision=revisions["guard"],
         embedder=curation["embedder"],
         embedder_revision=revisions["embedder"],
+        judge_stop_ids=judge_stop_ids,
     )
 
 

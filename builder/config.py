@@ -101,6 +101,12 @@ class BuildConfig:
         "Tag every instruction with task_category, difficulty and input_quality by the judge (label scoring).",
         default=False,
     )
+    tag_explanations: bool = _help(
+        "Also have the judge write Magpie's intent, knowledge and quality_explanation (short greedy texts; "
+        "this generates, where the tags only score).",
+        default=False,
+    )
+    max_explanation_tokens: int = _help("Token cap of each of those texts.", default=96)
     guard_model: str | None = _help(
         "A Llama-Guard-style safety classifier (meta-llama/Llama-Guard-3-8B): when set, every instruction gets "
         "`safety` = safe or unsafe:S<k>.",
@@ -245,6 +251,7 @@ class BuildConfig:
             "near_dedup_nprobe",
             "embedding_batch_size",
             "judge_batch_size",
+            "max_explanation_tokens",
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(name, f"is {getattr(self, name)!r}", "Use a positive integer.")
@@ -301,6 +308,8 @@ class BuildConfig:
             fail("select_category_shares", "gives no positive share", "Give '<category>=<share>' entries.")
         if any(share < 0 for _, share in shares):
             fail("select_category_shares", "has a negative share", "Use shares of 0 or more.")
+        if self.tag_explanations and not self.tag_instructions:
+            fail("tag_explanations", "is set but tag_instructions is not", "Switch on tag_instructions too.")
         if self.select_max is not None and (not isinstance(self.select_max, int) or self.select_max < 1):
             fail("select_max", f"is {self.select_max!r}", "Use a positive integer, or leave it unset.")
         if isinstance(self.select_languages, str):

@@ -97,6 +97,21 @@ def test_the_tag_is_the_most_likely_label_and_its_confidence_its_normalised_prob
     assert math.isclose(out["difficulty_confidence"][0], math.exp(-2.0) / sum(weights))
 
 
+def test_the_judge_writes_magpies_short_texts_greedily_each_begun_as_magpies_were():
+    from builder.engines import SamplingParams
+    from builder.templates import derive_stop_ids
+
+    tokenizer = load_tokenizer(JUDGE)
+    _, stop = derive_stop_ids(tokenizer, [tokenizer.eos_token_id], "judge", "2024-07-26")
+    settings = tags.ExplanationSettings(SamplingParams(0.0, 1.0, 24, tuple(stop)), "2024-07-26", "local")
+    batch = {"instruction": ["Write a poem about the sea.", "What is 2+2?"]}
+    out = tags.explain_instructions(batch, None, judge=JUDGE, settings=settings)
+    assert out["intent"][0].startswith("The user wants to") and out["knowledge"][1].startswith("To solve this problem")
+    assert all(text.startswith("The query is") for text in out["quality_explanation"])
+    assert all(0 <= n <= 3 for n in out["explanations_truncated"])
+    assert tags.explain_instructions(batch, None, judge=JUDGE, settings=settings) == out  # greedy: the same text
+
+
 def test_the_guard_prompt_is_the_real_llama_guard_3_template_with_one_bos():
     spec = ModelSpec("tiny:guard", device="cpu")
     tokenizer = load_tokenizer(spec)
@@ -351,7 +366,8 @@ def test_the_curated_demo_builds_every_stage_and_the_counts_add_up(curated):
     summary = json.loads((curated / "build_summary.json").read_text())
     stages = {s["name"]: s for s in summary["stages"]}
     assert list(stages)[:10] == [
-        "instructions", "filter", "dedup", "embed", "near_dedup", "language", "safety", "tags", "select", "responses",
+        "instructions", "filter", "dedup", "embed", "near_dedup", "language", "safety", "tags", "explanations",
+        "select",
     ]  # fmt: skip
     for stage in stages.values():
         if "rows_out" in stage and stage["name"] != "split":

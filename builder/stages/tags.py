@@ -10,7 +10,7 @@ in the same spirit.
 import math
 from dataclasses import dataclass
 
-from ..engines import score_continuations
+from ..engines import SamplingParams, sample_completions, score_continuations
 from ..models import ModelSpec, load_tokenizer
 from ..pipeline.stage import MODEL, ROW_STATS, Column, Stage
 from ..templates import bos_prefix, encode_chat_text, render_chat
@@ -168,4 +168,93 @@ def tags(config, models) -> Stage:
         models={"judge": models.judge},
         runtime={"max_rows": config.judge_batch_size},
         batch_size=config.shard_size,
+    )
+
+
+# Magpie's free-text tags, each asked on its own and begun for the judge, so its answer reads as Magpie's did.
+EXPLANATIONS = (
+    ("intent", "In one sentence, what does the user want?", "The user wants to"),
+    (
+        "knowledge",
+        "In one sentence, what must an assistant know to answer it well?",
+        "To solve this problem, the models need to know",
+    ),
+    (
+        "quality_explanation",
+        "In one or two sentences, assess how clear, specific and coherent the query is, naming its strengths and "
+        "weaknesses.",
+        "The query is",
+    ),
+)
+
+
+def explanation_prompt(instruction: str, question: str) -> str:
+    return f"You annotate queries that users send to an AI assistant. {question}\n\n## User query\n\n{instruction}"
+
+
+@dataclass(frozen=True)
+class ExplanationSettings:
+    sampling: SamplingParams  # greedy: the same text on every run
+    day: str
+    judge_revision: str
+
+
+def explain_instructions(
+    batch: dict, rank: int | None, *, judge: ModelSpec, settings: ExplanationSettings, max_batch_size: int = 64
+):
+    """Magpie's short generated tags, greedy from the judge, each answer begun with Magpie's opening words.
+
+    Input columns: `instruction`. Output columns: `intent`, `knowledge`, `quality_explanation`,
+    `explanations_truncated` (how many of the row's three hit `max_explanation_tokens`).
+    """
+    tokenizer = load_tokenizer(judge)
+    bos = bos_prefix(tokenizer)
+    prompts, openings = [], []
+    for text in batch["instruction"]:
+        for _, question, opening in EXPLANATIONS:
+            opening_ids = tokenizer(opening, add_special_tokens=False)["input_ids"]
+            prompts.append(chat_ids(tokenizer, explanation_prompt(text, question), settings.day, bos) + opening_ids)
+            openings.append(opening)
+    completions, tokenizer = sample_completions(
+        judge, rank, prompts, [0] * len(prompts), settings.sampling, max_batch_size=max_batch_size
+    )
+    texts = [
+        f"{opening}{tokenizer.decode(c.token_ids, skip_special_tokens=True)}".strip()
+        for opening, c in zip(openings, completions)
+    ]
+    count = len(EXPLANATIONS)
+    out = {name: texts[i::count] for i, (name, _, _) in enumerate(EXPLANATIONS)}
+    out["explanations_truncated"] = [
+        sum(c.finish_reason == "length" for c in completions[i : i + count]) for i in range(0, len(completions), count)
+    ]
+    return out
+
+
+def truncated_explanations(rows) -> tuple[int, dict]:
+    return 0, {"explanations_truncated": sum(rows["explanations_truncated"])}
+
+
+def explanations(config, models) -> Stage:
+    """Magpie's `intent`, `knowledge` and `quality_explanation`: short texts the judge writes (greedy)."""
+    return Stage(
+        name="explanations",
+        kind=MODEL,
+        desc="Explaining instructions",
+        apply=explain_instructions,
+        reads=("instruction",),
+        writes=(
+            Column("intent", 'What the user wants, in the judge\'s words ("The user wants to ...").', ROW_STATS),
+            Column("knowledge", "What answering it takes, in the judge's words.", ROW_STATS),
+            Column("quality_explanation", "The judge's assessment of the query's clarity and specificity.", ROW_STATS),
+            Column("explanations_truncated", "How many of the row's three texts hit `max_explanation_tokens`."),
+        ),
+        settings=ExplanationSettings(
+            SamplingParams(0.0, 1.0, config.max_explanation_tokens, tuple(models.judge_stop_ids)),
+            config.chat_template_date,
+            models.judge_revision,
+        ),
+        models={"judge": models.judge},
+        runtime={"max_batch_size": config.generation_batch_size},
+        batch_size=config.shard_size,
+        tally=truncated_explanations,
     )

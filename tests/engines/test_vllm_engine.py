@@ -26,6 +26,13 @@ class SamplingParams:
     max_tokens: int = 16
     stop_token_ids: list = field(default_factory=list)
     seed: int | None = None
+    prompt_logprobs: int | None = None
+    detokenize: bool = True
+
+
+def fake_logprob(prefix: list[int], token: int) -> float:
+    """The stand-in model's log-probability of `token` after `prefix`: any fixed function of both will do."""
+    return -(((sum(prefix) * 31 + len(prefix) * 7 + token) % 97) + 1) / 10
 
 
 @dataclass
@@ -48,10 +55,21 @@ class LLM:
         LLM.instances.append(self)
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
+        if not isinstance(sampling_params, list):  # one SamplingParams for every prompt, as vLLM allows
+            sampling_params = [sampling_params] * len(prompts)
         assert len(prompts) == len(sampling_params)
         self.calls.append((prompts, sampling_params))
         outputs = []
         for prompt, params in zip(prompts, sampling_params):
+            if params.prompt_logprobs is not None:
+                # Like vLLM: None for the first prompt token, then a dict holding each token's own log-probability.
+                ids = prompt.prompt_token_ids
+                logprobs = [None] + [
+                    {ids[i]: types.SimpleNamespace(logprob=fake_logprob(ids[:i], ids[i]))} for i in range(1, len(ids))
+                ]
+                sample = types.SimpleNamespace(token_ids=[5], finish_reason="length")
+                outputs.append(types.SimpleNamespace(outputs=[sample], prompt_logprobs=logprobs))
+                continue
             assert isinstance(prompt, TokensPrompt) and all(isinstance(t, int) for t in prompt.prompt_token_ids)
             rng = random.Random(params.seed)
             samples = []
@@ -119,3 +137,26 @@ def test_vllm_adapter_strips_the_stop_token_and_maps_finish_reasons(fake_vllm):
 def test_unknown_engine_is_refused():
     with pytest.raises(ValueError, match="`engine` is 'sglang'"):
         small_config(engine="sglang")
+
+
+def test_vllm_label_scoring_sums_the_prompt_log_probabilities_of_each_label(fake_vllm):
+    llm = LLM("m")
+    prompts, labels = [[1, 2, 3], [4, 5]], [[7], [8, 9, 10]]
+    scores = vllm_engine.continuation_logprobs_vllm(llm, prompts, labels)
+    for prompt, row in zip(prompts, scores):
+        for label, score in zip(labels, row):
+            sequence = prompt + label
+            expected = sum(fake_logprob(sequence[:i], sequence[i]) for i in range(len(prompt), len(sequence)))
+            assert score == pytest.approx(expected)
+    (requests, params), *_ = llm.calls
+    assert [r.prompt_token_ids for r in requests] == [p + c for p in prompts for c in labels]
+    assert params[0].prompt_logprobs == 1 and params[0].max_tokens == 1 and params[0].detokenize is False
+
+
+def test_build_with_tags_and_the_judge_reward_on_vllm(fake_vllm):
+    config = small_config(engine="vllm", num_instructions=8, num_responses=2, tag_instructions=True, reward_judge=True)
+    train = build(config).dataset["train"]
+    (llm,) = LLM.instances  # the judge is the generator: the same engine
+    assert any(p.prompt_logprobs == 1 for _, params in llm.calls for p in params)
+    assert all(label in ("very easy", "easy", "medium", "hard", "very hard") for label in train["difficulty"])
+    assert all(1 <= r <= 10 for row in train["rewards"] for r in row)
