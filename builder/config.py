@@ -167,7 +167,7 @@ class BuildConfig:
     )
     embedding_batch_size: int = _help("Instructions per embedding-model forward pass.", default=64)
     judge_batch_size: int = _help(
-        "Prompt x label rows per forward pass of label scoring (tags, safety, judge reward).", default=64
+        "Prompts x labels per forward pass of label scoring (tags, safety, judge reward).", default=256
     )
     # Engine, batching, processes, resume
     engine: str = _help(

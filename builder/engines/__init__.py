@@ -58,7 +58,7 @@ def sample_completions(
 
 
 def score_continuations(
-    spec: ModelSpec, rank: int | None, prompts: list[list[int]], continuations: list[list[int]], max_rows: int = 64
+    spec: ModelSpec, rank: int | None, prompts: list[list[int]], continuations: list[list[int]], max_rows: int = 256
 ) -> list[list[float]]:
     """Label scoring: for every prompt, the summed log-probability of each continuation (token ids both).
 

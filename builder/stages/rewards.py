@@ -108,7 +108,7 @@ class JudgeRewardSettings:
     judge_revision: str
 
 
-def judge_responses(batch: dict, rank: int | None, *, judge: ModelSpec, settings: JudgeRewardSettings, max_rows=64):
+def judge_responses(batch: dict, rank: int | None, *, judge: ModelSpec, settings: JudgeRewardSettings, max_rows=256):
     """The judge's expected rating of every response, by label scoring over 1..10.
 
     Input columns: `prompt`, `responses`. Output columns: `rewards` (per response, the probability-weighted mean

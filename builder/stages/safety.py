@@ -39,7 +39,7 @@ def answer_prefix(prompt_text: str) -> str:
     return "\n\n" if prompt_text.endswith("<|end_header_id|>") else ""
 
 
-def classify(batch: dict, rank: int | None, *, guard: ModelSpec, settings: SafetySettings, max_rows: int = 64):
+def classify(batch: dict, rank: int | None, *, guard: ModelSpec, settings: SafetySettings, max_rows: int = 256):
     """Input columns: `instruction`. Output columns: `safety` ("safe" or "unsafe:S<k>"), `safety_confidence`
     (the probability of safe, or of unsafe, between the two)."""
     tokenizer = load_tokenizer(guard)

@@ -114,7 +114,7 @@ class TagSettings:
     judge_revision: str
 
 
-def tag_instructions(batch: dict, rank: int | None, *, judge: ModelSpec, settings: TagSettings, max_rows: int = 64):
+def tag_instructions(batch: dict, rank: int | None, *, judge: ModelSpec, settings: TagSettings, max_rows: int = 256):
     """Labels every instruction with each tag by label scoring.
 
     Input columns: `instruction`. Output columns: per tag `<tag>` (one of its labels) and `<tag>_confidence` (the

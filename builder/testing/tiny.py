@@ -419,7 +419,8 @@ def build_embedder(folder: Path, spec: TinyModelSpec) -> None:
         encoder.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         transformer = models.Transformer(staging, max_seq_length=256)
-        pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
+        dimension = getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension
+        pooling = models.Pooling(dimension(), pooling_mode="mean")
         SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device="cpu").save(str(folder))
 
 
