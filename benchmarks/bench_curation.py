@@ -17,6 +17,7 @@ peak RSS and whether every planted copy was found (target: under two minutes for
 """
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -31,20 +32,20 @@ from bench import peak_rss_mb  # noqa: E402
 CURATION_STAGES = ("tags", "safety", "language", "embed", "near_dedup", "select")
 
 
-def tagging(num_instructions: int) -> None:
+def tagging(num_instructions: int, max_response_tokens: int) -> None:
     from builder.build import build
     from builder.config import BuildConfig
     from builder.stages import language
 
     start = time.perf_counter()
-    language.detector()
+    language.detector().detect_language_of("Loads the models of every language.")
     lingua_load = time.perf_counter() - start
     config = BuildConfig(
         generator_model="tiny:chat-llama-3.1@small",
         reward_model="tiny:reward@small",
         num_instructions=num_instructions,
         max_instruction_tokens=64,
-        max_response_tokens=128,
+        max_response_tokens=max_response_tokens,
         num_responses=5,
         generation_batch_size=256,
         reward_batch_size=8,
@@ -59,12 +60,15 @@ def tagging(num_instructions: int) -> None:
         embedding_model="tiny:embedder@small",
         select_safe_only=True,
     )
-    build(config)  # the models built and loaded once, so the timed build measures work, not first use
+    # The models built and loaded once, so the timed build measures work, not first use.
+    build(dataclasses.replace(config, num_instructions=8, shard_size=8, select_safe_only=False))
     result = build(config)
     seconds = {record.name: record.seconds for record in result.ledger.stages}
     rows = {record.name: record.rows_in for record in result.ledger.stages}
     responses = seconds["responses"]
+    tokens = next(r.tokens for r in result.ledger.stages if r.name == "responses")
     print(f"\n## Tagging vs responses: small model, K={num_instructions} instructions, one thread")
+    print(f"responses: 5 each, at most {max_response_tokens} tokens ({tokens / rows['responses'] / 5:.0f} on average)")
     print(f"lingua's model load, once per process: {lingua_load:.1f} s (not in the language stage below)")
     print(f"{'stage':<12} {'rows':>6} {'seconds':>9} {'of responses':>13}")
     for name in (*CURATION_STAGES, "responses"):
@@ -107,12 +111,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tagging", type=int, nargs="?", const=256, default=None, metavar="K")
     parser.add_argument("--dedup", type=int, nargs="?", const=100_000, default=None, metavar="N")
+    parser.add_argument("--max-response-tokens", type=int, default=128, help="as bench.py's comparisons")
     parser.add_argument("--index", choices=("flat", "ivf"), default="flat")
     parser.add_argument("--k", type=int, default=100, help="neighbours searched per row (the config's default)")
     args = parser.parse_args()
     both = args.tagging is None and args.dedup is None
     if both or args.tagging:
-        tagging(args.tagging or 256)
+        tagging(args.tagging or 256, args.max_response_tokens)
     if both or args.dedup:
         dedup(args.dedup or 100_000, args.index, args.k)
 

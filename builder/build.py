@@ -15,9 +15,9 @@ from .pipeline import runner
 from .pipeline.ledger import Ledger
 from .pipeline.ranks import Ranks
 from .pipeline.stage import Column, Stage
-from .sources import magpie
+from .sources import magpie, multi_turn, prompts
 from .stages import filters, language, near_dedup, pairs, responses, rewards, safety, select, tags
-from .templates import PreQuery, derive_pre_query, derive_stop_ids
+from .templates import PreQuery, derive_next_user_header, derive_pre_query, derive_stop_ids, render_chat
 
 
 logger = logging.getLogger("magpie_builder")
@@ -39,13 +39,21 @@ class BuildModels:
     embedder: ModelSpec | None = None
     embedder_revision: str | None = None
     judge_stop_ids: tuple[int, ...] = ()  # the end of the judge's turn, where its generated tags stop
+    prompts_revision: str | None = None  # the prompt dataset's commit, or a hash of its local files
+    next_user_header_ids: tuple[int, ...] = ()  # what opens a later user turn (multi-turn), token-exact
+    follow_up_system_prompt: str | None = None  # None where the template takes no system message
 
 
 def stages_for(config: BuildConfig, models: BuildModels) -> list[Stage]:
     """The build, in order: each entry is one stage, declared in its own module."""
     stages = [
-        magpie.instructions(config, models),  # the source: instructions from the pre-query template alone
-        filters.prompt_filter(config, models),  # empty, truncated, prompt too long
+        # The source: a prompt dataset's prompts, or instructions the generator writes from the pre-query alone.
+        prompts.prompts(config, models.prompts_revision)
+        if config.prompt_dataset
+        else magpie.instructions(config, models),
+        filters.prompt_length_filter(config, models)
+        if config.prompt_dataset
+        else filters.prompt_filter(config, models),
         filters.exact_duplicates(config),
         # Curation, each stage switched on in the config. Near-duplicates go first (the judges then see fewer
         # rows), the judge's tags last (another judge then recomputes only the tags and what follows them).
@@ -56,9 +64,11 @@ def stages_for(config: BuildConfig, models: BuildModels) -> list[Stage]:
         tags.tags(config, models) if config.tag_instructions else None,  # task category, difficulty, quality
         tags.explanations(config, models) if config.tag_explanations else None,  # intent, knowledge, ...
         select.select(config) if config.selects else None,  # rules, then select_max by task category
+        multi_turn.later_turns(config, models) if config.num_turns > 1 else None,  # Magpie-MT: turns 2..n
         responses.responses(config, models),  # N answers through the normal chat template
         rewards.judge_rewards(config, models) if config.reward_judge else rewards.rewards(config, models),
         pairs.binarize(config),  # chosen = highest reward, rejected = lowest
+        pairs.to_sft(config) if config.output_format == "sft" else None,  # messages = prompt + chosen
         pairs.train_test_split(config),
     ]
     return [stage for stage in stages if stage is not None]
@@ -147,6 +157,27 @@ def pre_query_of(config: BuildConfig, generator: ModelSpec, info: ModelInfo | No
     )
 
 
+def later_turns_of(config: BuildConfig, tokenizer, model_name: str) -> dict:
+    """The later-turn header and the follow-up system prompt of multi-turn builds (or none, for one turn)."""
+    if config.num_turns == 1:
+        return {}
+    header = derive_next_user_header(tokenizer, model_name, config.chat_template_date)
+    system = multi_turn.FOLLOW_UP_SYSTEM_PROMPT
+    try:
+        rendered = render_chat(
+            tokenizer,
+            [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}],
+            add_generation_prompt=False,
+            day=config.chat_template_date,
+        )
+    except Exception:  # the template refuses system messages (Gemma): follow-ups are written without one
+        rendered = ""
+    if system not in rendered:
+        logger.info("%s takes no system message: later turns are written without the follow-up prompt", model_name)
+        system = None
+    return {"next_user_header_ids": tuple(header), "follow_up_system_prompt": system}
+
+
 ROLES = {"judge": "judge", "guard": "guard", "embedder": "embedding"}  # how errors name each model's config fields
 
 
@@ -183,6 +214,12 @@ def check_models(config: BuildConfig, ranks: Ranks = Ranks()) -> BuildModels:
         embedder=curation["embedder"],
         embedder_revision=revisions["embedder"],
         judge_stop_ids=judge_stop_ids,
+        **later_turns_of(config, generator_info.tokenizer, generator.name_or_path),
+        prompts_revision=(
+            prompts.dataset_revision(config.prompt_dataset, config.prompt_dataset_revision)
+            if config.prompt_dataset
+            else None
+        ),
     )
 
 

@@ -61,6 +61,29 @@ class BuildConfig:
     chat_template_date: str = _help(
         "The date (YYYY-MM-DD) templates see as today, so builds are reproducible.", default="2024-07-26"
     )
+    # Prompts from a dataset instead of the pre-query template (on-policy preference data)
+    prompt_dataset: str | None = _help(
+        "Answer the prompts of this dataset instead of sampling instructions: a Hub id "
+        "(HuggingFaceH4/ultrafeedback_binarized), a local folder, or data files (.jsonl, .json, .parquet, .csv).",
+        default=None,
+    )
+    prompt_dataset_config: str | None = _help(
+        "The prompt dataset's config (subset) name, if it has several.", default=None
+    )
+    prompt_dataset_revision: str | None = _help(
+        "Branch, tag or commit of the prompt dataset on the Hub.", default=None
+    )
+    prompt_split: str = _help("The split whose prompts are answered.", default="train")
+    prompt_test_split: str | None = _help(
+        "A split whose prompts make the `test` split (ultrafeedback_binarized: test_prefs) instead of a random share.",
+        default=None,
+    )
+    prompt_column: str = _help(
+        "The column of prompts: a string (one user message) or a list of {role, content} messages, system "
+        "messages included, ending with the user's turn.",
+        default="prompt",
+    )
+    max_prompts: int | None = _help("Use only the first N prompts of each split (a trial run).", default=None)
     # Instructions
     num_instructions: int = _help("How many instructions to sample (before filtering).", default=1000)
     instruction_temperature: float = _help("Sampling temperature of instructions (Magpie: 1.0).", default=1.0)
@@ -70,6 +93,11 @@ class BuildConfig:
     )
     max_prompt_tokens: int = _help(
         "Drop instructions whose chat prompt is longer (the DPO recipe's 1800).", default=1800
+    )
+    num_turns: int = _help(
+        "User turns per conversation (Magpie-MT): turns 2..n are written by the generator as the user, after one "
+        "sampled answer to each turn before; the N responses answer the last turn.",
+        default=1,
     )
     # Responses
     num_responses: int = _help("Responses per instruction (Magpie DPO: 5).", default=5)
@@ -213,6 +241,11 @@ class BuildConfig:
         "Folder to write: data/{split}-*.parquet, README.md, build config and summary.", default=None
     )
     save_to_disk: bool = _help("Also write `DatasetDict.save_to_disk` under output_dir/arrow.", default=False)
+    output_format: str = _help(
+        "dpo: TRL's preference format (prompt, chosen, rejected); sft: TRL's conversational language-modeling "
+        "format (`messages`, the chosen answer as the last turn), as Magpie's multi-turn and filtered sets are.",
+        default="dpo",
+    )
     # Card and Hub
     pretty_name: str | None = _help("Name shown on the dataset card.", default=None)
     license: str = _help("Dataset license (the generator's license usually binds it).", default="other")
@@ -252,6 +285,7 @@ class BuildConfig:
             "embedding_batch_size",
             "judge_batch_size",
             "max_explanation_tokens",
+            "num_turns",
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(name, f"is {getattr(self, name)!r}", "Use a positive integer.")
@@ -284,6 +318,22 @@ class BuildConfig:
                 "Put the system prompt into the raw pre_query_template, or drop the override.",
             )
         self._check_curation(fail)
+        if self.output_format not in ("dpo", "sft"):
+            fail("output_format", f"is {self.output_format!r}", "Use dpo or sft.")
+        if self.output_format == "sft" and self.implicit_prompt:
+            fail("implicit_prompt", "is set with output_format: sft", "The SFT format has no prompt column; drop one.")
+        if self.max_prompts is not None and (not isinstance(self.max_prompts, int) or self.max_prompts < 1):
+            fail("max_prompts", f"is {self.max_prompts!r}", "Use a positive integer, or leave it unset.")
+        if self.prompt_test_split and not self.prompt_dataset:
+            fail(
+                "prompt_test_split",
+                "is set but prompt_dataset is not",
+                "Set prompt_dataset, or drop prompt_test_split.",
+            )
+        if self.prompt_test_split and self.prompt_test_split == self.prompt_split:
+            fail(
+                "prompt_test_split", f"is the train split {self.prompt_split!r}", "Name another split of the dataset."
+            )
         if self.push_to_hub and not self.repo_id:
             fail("repo_id", "is not set but push_to_hub is", "Give repo_id as user/name.")
         if isinstance(self.language, str):

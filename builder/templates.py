@@ -266,3 +266,36 @@ def derive_pre_query(
     if ids != encode_chat_text(tokenizer, text, bos):
         notes.append("the last token of the text merges with the user's first word; the model writes it")
     return PreQuery(text, ids, instruction_stop_ids, response_stop_ids, "chat_template", stripped, notes)
+
+
+def derive_next_user_header(tokenizer, model_name: str, day) -> list[int]:
+    """The ids that open a later user turn: what a real two-turn chat has between the first assistant turn and the
+    second user's text. Token-exact: the ids of a rendered [user, assistant] chat followed by these equal the ids of
+    the real two-turn chat cut before the second user's text.
+    """
+    bos = bos_prefix(tokenizer)
+    chat = [{"role": "user", "content": SENTINEL}, {"role": "assistant", "content": ASSISTANT}]
+    first = encode_chat_text(tokenizer, _render_or_explain(tokenizer, chat, model_name, day, "an assistant turn"), bos)
+
+    def render_with(message: str) -> str:
+        return render_chat(
+            tokenizer, [*chat, {"role": "user", "content": message}], add_generation_prompt=False, day=day
+        )
+
+    rendered = _render_or_explain(
+        tokenizer, [*chat, {"role": "user", "content": SECOND_USER}], model_name, day, "a two-turn chat"
+    )
+    cut = token_exact_ids(tokenizer, rendered[: rendered.index(SECOND_USER)], render_with, bos)
+    if cut[: len(first)] != first or len(cut) == len(first):
+        raise TemplateError(
+            f"The chat template of {model_name} renders a finished assistant turn differently when another user turn "
+            "follows it, so later turns cannot be sampled token-exactly. Use num_turns: 1 with this model."
+        )
+    return cut[len(first) :]
+
+
+def next_turn_ids(tokenizer, conversation: list[dict], header_ids: list[int], day, bos: list[int]) -> list[int]:
+    """What the generator is fed to write the next user turn after `conversation` (which ends with an assistant
+    turn): the conversation as the template renders it, then the later-turn header."""
+    text = render_chat(tokenizer, conversation, add_generation_prompt=False, day=day)
+    return encode_chat_text(tokenizer, text, bos) + list(header_ids)

@@ -49,8 +49,8 @@ def test_label_scoring_equals_scoring_each_label_on_its_own():
     texts = ["Write a poem.", "Explain how to compute the area of a triangle, step by step please.", "Hi"]
     prompts = [tags.chat_ids(tokenizer, shared + t, "2024-07-26", [tokenizer.bos_token_id]) for t in texts]
     labels = [
-        tokenizer(tags.label_text("Difficulty", label), add_special_tokens=False)["input_ids"]
-        for label in tags.DIFFICULTY.labels
+        tokenizer(text, add_special_tokens=False)["input_ids"]
+        for text in tags.label_texts("Difficulty", tags.DIFFICULTY.labels)
     ]
     labels.append(tokenizer("x", add_special_tokens=False)["input_ids"][:1])  # a one-token label
     # max_rows=7: chunks of one prompt, so the prefix shared by all and the chunking are both exercised.

@@ -53,12 +53,15 @@ def describe(values) -> dict:
 
 def statistics(dataset: DatasetDict) -> tuple[list[dict], dict]:
     """The statistics table (instruction / response lengths, scores, margins) and the truncation share."""
+    first = next(iter(dataset.values()))
+    # Sampled instructions have their own length; a prompt dataset's prompts are measured with their template.
+    length = "instruction_tokens" if "instruction_tokens" in first.column_names else "prompt_tokens"
     rows = [
         row
         for split in dataset.values()
         for row in split.select_columns(
             [
-                "instruction_tokens",
+                length,
                 "response_tokens",
                 "response_finish_reasons",
                 "chosen_score",
@@ -70,7 +73,7 @@ def statistics(dataset: DatasetDict) -> tuple[list[dict], dict]:
     response_tokens = [t for row in rows for t in row["response_tokens"]]
     reasons = [r for row in rows for r in row["response_finish_reasons"]]
     table = [
-        {"name": "instruction tokens", **describe([r["instruction_tokens"] for r in rows])},
+        {"name": length.replace("_", " "), **describe([r[length] for r in rows])},
         {"name": "response tokens", **describe(response_tokens)},
         {"name": "chosen score", **describe([r["chosen_score"] for r in rows])},
         {"name": "rejected score", **describe([r["rejected_score"] for r in rows])},
@@ -188,7 +191,8 @@ def render_card(result, *, repo_id: str | None = None, metadata: dict | None = N
             template_path=str(template_path),
             title=config.pretty_name or repo_id or "Magpie preference dataset",
             generator=public_model_name(config.generator_model),
-            generator_revision=first_row["gen_input_configs"]["generator_revision"],
+            generator_revision=first_row["gen_response_configs"]["generator_revision"],
+            prompt_dataset=prompt_dataset_line(result),
             reward_model=reward_name(result),
             reward_revision=result.reward_revision or (result.models.judge_revision if result.models else None),
             reward_judge=config.reward_judge,
@@ -224,6 +228,17 @@ def render_card(result, *, repo_id: str | None = None, metadata: dict | None = N
             cite_armorm="armorm" in (config.reward_model or "").lower() and not config.reward_judge,
             **curation_context(result),
         )
+
+
+def prompt_dataset_line(result) -> str | None:
+    """Where the prompts came from, for a build on a prompt dataset: its name, config, revision and splits."""
+    config = result.config
+    if not config.prompt_dataset:
+        return None
+    source = next(iter(result.dataset.values()))[0]["prompt_source"]
+    splits = config.prompt_split + (f" (train), {config.prompt_test_split} (test)" if config.prompt_test_split else "")
+    subset = f", config `{config.prompt_dataset_config}`" if config.prompt_dataset_config else ""
+    return f"`{source['dataset']}`{subset}, revision `{source['revision']}`, split {splits}, column `{config.prompt_column}`"
 
 
 def reward_name(result) -> str:

@@ -1,8 +1,8 @@
 """Instruction filters: rows that cannot make a pair are dropped with a counted reason.
 
 `prompt_filter` renders each prompt through the generator's chat template (as the response stage will) and drops
-empty, truncated and over-long ones; `exact_duplicates` drops every later copy of an instruction after
-normalisation, over the whole table.
+empty, truncated and over-long ones (a prompt dataset's: over-long ones); `exact_duplicates` drops every later copy
+of a prompt after normalisation, over the whole table.
 """
 
 import re
@@ -71,25 +71,56 @@ def prompt_filter(config, models) -> Stage:
     )
 
 
+def filter_prompt_lengths(batch: dict, *, generator: ModelSpec, settings: PromptFilterSettings):
+    """The prompt filter of a prompt dataset (no sampled instruction to check).
+
+    Input column: `prompt`. Output columns: `prompt_tokens`, `drop_reason` ("" or "prompt_too_long").
+    """
+    tokenizer = load_tokenizer(generator)
+    bos = bos_prefix(tokenizer)
+    lengths = [len(chat_prompt_ids(tokenizer, prompt, settings.day, bos)) for prompt in batch["prompt"]]
+    return {
+        "prompt_tokens": lengths,
+        DROP_REASON: ["prompt_too_long" if n > settings.max_prompt_tokens else KEEP for n in lengths],
+    }
+
+
+def prompt_length_filter(config, models) -> Stage:
+    return Stage(
+        name="filter",
+        kind=ROWS,
+        desc="Filtering prompts",
+        apply=filter_prompt_lengths,
+        reads=("prompt",),
+        writes=(
+            Column("prompt_tokens", "Length of the chat prompt (template + messages) in generator tokens.", ROW_STATS),
+        ),
+        drop_reasons=("prompt_too_long",),
+        settings=PromptFilterSettings(config.max_prompt_tokens, config.chat_template_date),
+        models={"generator": models.generator},
+        if_none_left="raise max_prompt_tokens",
+    )
+
+
 def normalize_instruction(text: str) -> str:
     """The key for exact-duplicate detection: case, whitespace and surrounding punctuation do not count."""
     return re.sub(r"\s+", " ", text.lower()).strip(" \t\n.!?,;:\"'")
 
 
-def mark_duplicates(instructions: list[str]) -> list[str]:
-    """ "duplicate" for every later copy of an instruction (after normalisation), KEEP for the first."""
+def mark_duplicates(prompts: list[list[dict]]) -> list[str]:
+    """ "duplicate" for every later copy of a prompt (every message after normalisation), KEEP for the first."""
     seen = set()
     marked = []
-    for text in instructions:
-        key = normalize_instruction(text)
+    for prompt in prompts:
+        key = tuple((m["role"], normalize_instruction(m["content"])) for m in prompt)
         marked.append("duplicate" if key in seen else KEEP)
         seen.add(key)
     return marked
 
 
 def drop_exact_duplicates(rows: Dataset, *, settings=None) -> Dataset:
-    """Input column: `instruction`. Output column: `drop_reason`, over the whole table."""
-    return rows.add_column(DROP_REASON, mark_duplicates(rows["instruction"]))
+    """Input column: `prompt`. Output column: `drop_reason`, over the whole table."""
+    return rows.add_column(DROP_REASON, mark_duplicates(rows["prompt"]))
 
 
 def exact_duplicates(config) -> Stage:
@@ -97,7 +128,7 @@ def exact_duplicates(config) -> Stage:
         name="dedup",
         kind=TABLE,
         apply=drop_exact_duplicates,
-        reads=("instruction",),
+        reads=("prompt",),
         drop_reasons=("duplicate",),
         if_none_left="raise num_instructions",
     )

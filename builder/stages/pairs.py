@@ -72,14 +72,47 @@ def binarize(config) -> Stage:
     )
 
 
+def sft_example(example: dict, *, settings=None) -> dict:
+    """Input columns: `prompt`, `chosen`. Output column: `messages` (the prompt, then the chosen answer)."""
+    return {"messages": [*example["prompt"], *example["chosen"]]}
+
+
+def to_sft(config) -> Stage:
+    """TRL's conversational language-modeling format: `messages` = the conversation with the best answer last."""
+    return Stage(
+        name="sft",
+        kind=ROWS,
+        desc="Writing SFT conversations",
+        apply=sft_example,
+        batched=False,
+        reads=("prompt", "chosen"),
+        writes=(Column("messages", "The conversation: the prompt's turns, then the highest-scored answer.", ROW),),
+        removes=("prompt", "chosen", "rejected"),
+    )
+
+
 @dataclass(frozen=True)
 class SplitSettings:
     test_size: float
     seed: int
+    by_source: bool = False  # the prompt dataset's own test split makes `test`
 
 
 def split(rows: Dataset, *, settings: SplitSettings) -> DatasetDict:
-    """A seeded train/test split; the test split gets at least one pair."""
+    """A seeded train/test split, the test split at least one pair; or, `by_source`, the rows of the prompt
+    dataset's test split (column `source_split`) as `test`, in order."""
+    if settings.by_source:
+        sources = rows["source_split"]
+        parts = {name: rows.select([i for i, s in enumerate(sources) if s == name]) for name in ("train", "test")}
+        empty = [name for name, part in parts.items() if len(part) == 0]
+        if empty:
+            raise ValueError(
+                f"No preference pair is left in the {empty[0]} split of the prompt dataset: check `prompt_split` / "
+                "`prompt_test_split`, or relax `min_reward_margin` / `max_prompt_tokens`."
+            )
+        return DatasetDict(
+            {name: part.flatten_indices().remove_columns("source_split") for name, part in parts.items()}
+        )
     if len(rows) < 2:
         raise ValueError(
             f"Only {len(rows)} preference pair(s) survived the filters; a train/test split needs at least 2. "
@@ -96,6 +129,13 @@ def split_sizes(dataset: DatasetDict) -> tuple[int, dict]:
 
 def train_test_split(config) -> Stage:
     """A seeded `train` / `test` split (Magpie DPO: 98% / 2%)."""
+    by_source = bool(config.prompt_dataset and config.prompt_test_split)
     return Stage(
-        name="split", kind=TABLE, apply=split, settings=SplitSettings(config.test_size, config.seed), tally=split_sizes
+        name="split",
+        kind=TABLE,
+        apply=split,
+        reads=("source_split",) if by_source else (),
+        removes=("source_split",) if by_source else (),
+        settings=SplitSettings(config.test_size, config.seed, by_source),
+        tally=split_sizes,
     )

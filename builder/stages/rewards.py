@@ -7,7 +7,7 @@ from ..engines.transformers.scoring import score_groups
 from ..models import ModelSpec, load_reward_model, load_tokenizer, public_model_name
 from ..pipeline.stage import CANDIDATES, MODEL, PROVENANCE, ROW_STATS, Column, Stage
 from ..templates import bos_prefix, encode_chat_text, render_chat
-from .tags import chat_ids, label_text, normalise
+from .tags import chat_ids, label_texts, normalise
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def judge_responses(batch: dict, rank: int | None, *, judge: ModelSpec, settings
         for prompt, responses in zip(batch["prompt"], batch["responses"])
         for response in responses
     ]
-    labels = [tokenizer(label_text("Rating", str(k)), add_special_tokens=False)["input_ids"] for k in RATINGS]
+    labels = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in label_texts("Rating", RATINGS)]
     expected = [
         sum(p * k for p, k in zip(normalise(row), RATINGS))
         for row in score_continuations(judge, rank, prompts, labels, max_rows=max_rows)

@@ -85,9 +85,12 @@ def judge_prompt(instruction: str, tags: tuple[Tag, ...]) -> str:
     )
 
 
-def label_text(header: str, label: str) -> str:
-    # The line break closes the label, so a label that is a prefix of another ("1" of "10") is not favoured.
-    return f"{header}: {label}\n"
+def label_texts(header: str, labels) -> list[str]:
+    """The judge's answer line for each label. Where one label begins another ("1" and "10"), a line break closes
+    each, so the shorter one does not also collect the longer one's probability."""
+    labels = [str(label) for label in labels]
+    nested = any(a != b and b.startswith(a) for a in labels for b in labels)
+    return [f"{header}: {label}" + ("\n" if nested else "") for label in labels]
 
 
 def normalise(logprobs: list[float]) -> list[float]:
@@ -129,7 +132,7 @@ def tag_instructions(batch: dict, rank: int | None, *, judge: ModelSpec, setting
     for tag in settings.tags:
         start = len(continuations)
         continuations += [
-            tokenizer(label_text(tag.header, label), add_special_tokens=False)["input_ids"] for label in tag.labels
+            tokenizer(text, add_special_tokens=False)["input_ids"] for text in label_texts(tag.header, tag.labels)
         ]
         spans.append((tag, start, len(continuations)))
     scores = score_continuations(judge, rank, prompts, continuations, max_rows=max_rows)

@@ -1,9 +1,9 @@
 """Label scoring: the log-likelihood of a fixed set of continuations (a tag's labels) after each prompt.
 
 Each prompt is prefilled once (the prefix every prompt starts with, the judge's instructions, once per call). Then
-all labels run in one pass on top of the prompt's keys and values, packed side by side in one row: a label's tokens
-see the prompt and their own label's earlier tokens only (a 4D mask), and each label's positions start where the
-prompt ends. The first token of every label is read off the prompt's own last logits. It costs a prefill, never
+all labels run in one pass on top of the prompt's keys and values, packed in one row as a tree (a prefix several
+labels share is fed once): a token sees the prompt and its own ancestors only (a 4D mask), at the position it would
+have right after the prompt. The first token of every label is read off the prompt's own last logits. It costs a prefill, never
 fails to parse, and gives the numbers that scoring every prompt + label on its own gives, up to float rounding.
 """
 
@@ -15,16 +15,29 @@ from .generation import cache_argument, prefill, shared_prefix
 MIN_SHARED_PREFIX = 8
 
 
-def _packed_labels(continuations: list[list[int]]):
-    """The labels' tokens but their last, side by side: (ids, label of each, index within its label, targets)."""
-    ids, owner, index, targets = [], [], [], []
+def _label_tree(continuations: list[list[int]]):
+    """The labels' tokens (each but its last) as a tree: a prefix that several labels share ("Difficulty:", "unsafe
+    S") is one node, fed once. Returns the nodes' tokens, depths, which node each node sees (itself and its
+    ancestors), and per scored token (node, the token it predicts, its label)."""
+    nodes: dict[tuple[int, ...], int] = {}
+    tokens, depths, parents = [], [], []
+    reads, predicted, labels = [], [], []
     for j, continuation in enumerate(continuations):
-        for t, token in enumerate(continuation[:-1]):
-            ids.append(token)
-            owner.append(j)
-            index.append(t)
-            targets.append(continuation[t + 1])
-    return ids, torch.tensor(owner), torch.tensor(index), torch.tensor(targets)
+        for t in range(len(continuation) - 1):
+            prefix = tuple(continuation[: t + 1])
+            if prefix not in nodes:
+                nodes[prefix] = len(tokens)
+                tokens.append(continuation[t])
+                depths.append(t)
+                parents.append(nodes[prefix[:-1]] if t else -1)
+            reads.append(nodes[prefix])
+            predicted.append(continuation[t + 1])
+            labels.append(j)
+    sees = torch.eye(len(tokens), dtype=torch.bool)
+    for node, parent in enumerate(parents):
+        if parent >= 0:
+            sees[node] |= sees[parent]  # parents come before their children
+    return tokens, torch.tensor(depths), sees, (torch.tensor(reads), torch.tensor(predicted), torch.tensor(labels))
 
 
 def _grown(cache, extra: int) -> None:
@@ -57,9 +70,7 @@ def continuation_logprobs(
     device = model.device
     count = len(continuations)
     first = torch.tensor([c[0] for c in continuations], device=device)
-    fed, owner, index, targets = _packed_labels(continuations)
-    # Label token q sees label token k when both are of the same label and k is not after q.
-    among_labels = (owner[:, None] == owner[None, :]) & (index[None, :] <= index[:, None])
+    fed, depths, among_labels, (reads, predicted, owner) = _label_tree(continuations)
 
     root = shared_prefix(model, prompts, minimum=MIN_SHARED_PREFIX) if len(prompts) > 1 else None
     skip = root.length if root else 0
@@ -84,14 +95,13 @@ def continuation_logprobs(
             out = model(
                 input_ids=torch.tensor([fed] * rows, device=device),
                 attention_mask=mask[:, None].to(device),
-                position_ids=(lengths[:, None] + index[None, :]).to(device),
+                position_ids=(lengths[:, None] + depths[None, :]).to(device),
                 use_cache=True,
                 **cache_argument(model, cache),
             )
-            picked = torch.log_softmax(out.logits.float(), dim=-1).gather(
-                -1, targets.to(device).expand(rows, -1)[..., None]
-            )
-            per_label = torch.zeros((rows, count), device=device).index_add_(1, owner.to(device), picked.squeeze(-1))
+            logprobs = torch.log_softmax(out.logits.float(), dim=-1)
+            picked = logprobs[:, reads.to(device), predicted.to(device)]  # [rows, scored tokens]
+            per_label = torch.zeros((rows, count), device=device).index_add_(1, owner.to(device), picked)
             total = total + per_label
         for row, i in enumerate(chunk):
             scores[i] = total[row].tolist()
