@@ -17,7 +17,7 @@ from .pipeline.ranks import Ranks
 from .pipeline.stage import Column, Stage
 from .sources import magpie, multi_turn, prompts
 from .stages import filters, language, near_dedup, pairs, responses, rewards, safety, select, tags
-from .templates import PreQuery, derive_next_user_header, derive_pre_query, derive_stop_ids, render_chat
+from .templates import LaterTurn, PreQuery, derive_next_user_header, derive_pre_query, derive_stop_ids, render_chat
 
 
 logger = logging.getLogger("magpie_builder")
@@ -40,7 +40,7 @@ class BuildModels:
     embedder_revision: str | None = None
     judge_stop_ids: tuple[int, ...] = ()  # the end of the judge's turn, where its generated tags stop
     prompts_revision: str | None = None  # the prompt dataset's commit, or a hash of its local files
-    next_user_header_ids: tuple[int, ...] = ()  # what opens a later user turn (multi-turn), token-exact
+    later_turn: LaterTurn | None = None  # what opens a later user turn (multi-turn), token-exact
     follow_up_system_prompt: str | None = None  # None where the template takes no system message
 
 
@@ -175,7 +175,7 @@ def later_turns_of(config: BuildConfig, tokenizer, model_name: str) -> dict:
     if system not in rendered:
         logger.info("%s takes no system message: later turns are written without the follow-up prompt", model_name)
         system = None
-    return {"next_user_header_ids": tuple(header), "follow_up_system_prompt": system}
+    return {"later_turn": header, "follow_up_system_prompt": system}
 
 
 ROLES = {"judge": "judge", "guard": "guard", "embedder": "embedding"}  # how errors name each model's config fields

@@ -268,10 +268,25 @@ def derive_pre_query(
     return PreQuery(text, ids, instruction_stop_ids, response_stop_ids, "chat_template", stripped, notes)
 
 
-def derive_next_user_header(tokenizer, model_name: str, day) -> list[int]:
-    """The ids that open a later user turn: what a real two-turn chat has between the first assistant turn and the
-    second user's text. Token-exact: the ids of a rendered [user, assistant] chat followed by these equal the ids of
-    the real two-turn chat cut before the second user's text.
+@dataclass(frozen=True)
+class LaterTurn:
+    """How a later user turn is opened after a finished conversation.
+
+    Args:
+        header_ids (`list[int]`): the ids that open the next user turn.
+        closing_tokens (`int`): how many ids a template puts after the last turn of a finished chat only (Phi-3.5's
+            EOS), which a chat that goes on does not have; they are cut before the header.
+    """
+
+    header_ids: list[int]
+    closing_tokens: int = 0
+    rerender: bool = False  # the template changes a finished turn once another follows (Qwen3, gpt-oss)
+
+
+def derive_next_user_header(tokenizer, model_name: str, day) -> LaterTurn:
+    """What a real two-turn chat has between the first assistant turn and the second user's text, token-exact: the
+    ids of a rendered [user, assistant] chat (less its closing tokens) followed by the header equal the ids of the
+    real two-turn chat cut before the second user's text.
     """
     bos = bos_prefix(tokenizer)
     chat = [{"role": "user", "content": SENTINEL}, {"role": "assistant", "content": ASSISTANT}]
@@ -286,16 +301,30 @@ def derive_next_user_header(tokenizer, model_name: str, day) -> list[int]:
         tokenizer, [*chat, {"role": "user", "content": SECOND_USER}], model_name, day, "a two-turn chat"
     )
     cut = token_exact_ids(tokenizer, rendered[: rendered.index(SECOND_USER)], render_with, bos)
-    if cut[: len(first)] != first or len(cut) == len(first):
+    kept = _common_prefix(first, cut)
+    closing = first[kept:]
+    control = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    if kept < len(cut) and all(t in control or not tokenizer.decode([t]).strip() for t in closing):
+        return LaterTurn(cut[kept:], len(closing))
+    # The finished turn itself changes (a reasoning template drops the thinking, gpt-oss ends with another token):
+    # every conversation is then rendered with a next user turn and cut before its text, which is token-exact
+    # unless the cut falls inside a token.
+    if cut != encode_chat_text(tokenizer, rendered[: rendered.index(SECOND_USER)], bos):
         raise TemplateError(
             f"The chat template of {model_name} renders a finished assistant turn differently when another user turn "
-            "follows it, so later turns cannot be sampled token-exactly. Use num_turns: 1 with this model."
+            "follows it, and its next user header merges with the user's text, so later turns cannot be sampled "
+            "token-exactly. Use num_turns: 1 with this model."
         )
-    return cut[len(first) :]
+    return LaterTurn([], 0, rerender=True)
 
 
-def next_turn_ids(tokenizer, conversation: list[dict], header_ids: list[int], day, bos: list[int]) -> list[int]:
+def next_turn_ids(tokenizer, conversation: list[dict], later: LaterTurn, day, bos: list[int]) -> list[int]:
     """What the generator is fed to write the next user turn after `conversation` (which ends with an assistant
-    turn): the conversation as the template renders it, then the later-turn header."""
-    text = render_chat(tokenizer, conversation, add_generation_prompt=False, day=day)
-    return encode_chat_text(tokenizer, text, bos) + list(header_ids)
+    turn): the conversation as the template renders it, less its closing tokens, then the later-turn header."""
+    if later.rerender:
+        text = render_chat(
+            tokenizer, [*conversation, {"role": "user", "content": SECOND_USER}], add_generation_prompt=False, day=day
+        )
+        return encode_chat_text(tokenizer, text[: text.index(SECOND_USER)], bos)
+    ids = encode_chat_text(tokenizer, render_chat(tokenizer, conversation, add_generation_prompt=False, day=day), bos)
+    return ids[: len(ids) - later.closing_tokens] + list(later.header_ids)

@@ -176,7 +176,13 @@ PLANTED = [
 
 
 def planted_rows() -> Dataset:
-    return Dataset.from_dict({"uuid": [f"u{i}" for i in range(len(PLANTED))], "instruction": PLANTED})
+    return Dataset.from_dict(
+        {
+            "uuid": [f"u{i}" for i in range(len(PLANTED))],
+            "instruction": PLANTED,
+            "prompt": [[{"role": "user", "content": text}] for text in PLANTED],
+        }
+    )
 
 
 def embedded(rows: Dataset) -> Dataset:

@@ -24,6 +24,8 @@ DEMO_ON_POLICY = ROOT / "dataset_scripts" / "demo_on_policy.yaml"
 LONG = "Tell me everything about the history of this word: " + "repeat " * 400
 PROMPTS = [
     "What is the boiling point of water at sea level?",
+    "How do magnets work?",
+    "Translate 'cat' into Spanish.",
     [{"role": "user", "content": "  Name three primary colours.\n"}],  # whitespace kept as the user wrote it
     [
         {"role": "system", "content": "You are a terse assistant."},
@@ -88,7 +90,7 @@ def test_every_prompt_is_in_the_output_or_in_the_drop_counts_once_with_its_exact
     published = {json.dumps(row["prompt"]) for row in rows}
     assert len(published) == len(rows)  # no prompt twice
     kept = 0
-    for prompt in expected:
+    for prompt in {json.dumps(p): p for p in expected}.values():  # a duplicate is one prompt
         messages, reason = as_messages(prompt)
         if messages is not None and json.dumps(messages) in published:
             kept += 1

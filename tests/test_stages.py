@@ -62,7 +62,17 @@ def test_prompt_filter_reasons():
 
 def test_mark_duplicates_after_normalisation():
     texts = ["Write a poem.", "write  a POEM", "Write a poem!", "Other", "Other", "Write a poem."]
-    assert filters.mark_duplicates(texts) == ["", "duplicate", "duplicate", "", "duplicate", "duplicate"]
+    assert filters.mark_duplicates([user(t) for t in texts]) == [
+        "",
+        "duplicate",
+        "duplicate",
+        "",
+        "duplicate",
+        "duplicate",
+    ]
+    # A prompt is all its messages: the same question under another system prompt is another prompt.
+    system = [{"role": "system", "content": "Answer in French."}, *user("Write a poem.")]
+    assert filters.mark_duplicates([user("Write a poem."), system, list(system)]) == ["", "", "duplicate"]
 
 
 def test_response_stage_shares_prefill_and_records_configs():

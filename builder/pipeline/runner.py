@@ -45,9 +45,14 @@ class RunResult:
 
 
 def published_columns(stages: list[Stage]) -> list[Column]:
-    """Every published column the stages declare, in section order, then in the order the stages declare them."""
-    columns = [column for stage in stages for column in stage.writes if column.published]
-    return sorted(columns, key=lambda column: SECTIONS.index(column.section))
+    """Every published column the stages declare, in section order, then in the order the stages first declare them;
+    a column a later stage declares again (an overwrite) is described as that stage says."""
+    columns: dict[str, Column] = {}
+    for stage in stages:
+        for column in stage.writes:
+            if column.published:
+                columns[column.name] = column
+    return sorted(columns.values(), key=lambda column: SECTIONS.index(column.section))
 
 
 def check_declarations(stages: list[Stage]) -> None:

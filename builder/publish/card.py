@@ -162,7 +162,7 @@ def render_card(result, *, repo_id: str | None = None, metadata: dict | None = N
         task_categories=["text-generation"],
         size_categories=[size_category(total_rows)],
         pretty_name=config.pretty_name,
-        tags=TAGS,
+        tags=TAGS if config.output_format == "dpo" else ["sft", "synthetic", "magpie", "trl"],
         source_datasets=config.source_datasets or None,
     )
     if metadata:
@@ -193,6 +193,8 @@ def render_card(result, *, repo_id: str | None = None, metadata: dict | None = N
             generator=public_model_name(config.generator_model),
             generator_revision=first_row["gen_response_configs"]["generator_revision"],
             prompt_dataset=prompt_dataset_line(result),
+            num_turns=config.num_turns,
+            sft=config.output_format == "sft",
             reward_model=reward_name(result),
             reward_revision=result.reward_revision or (result.models.judge_revision if result.models else None),
             reward_judge=config.reward_judge,

@@ -14,7 +14,7 @@ from ..models import ModelSpec, load_tokenizer
 from ..pipeline.stage import DROP_REASON, KEEP, MODEL, ROW, ROW_STATS, Column, Stage
 from ..stages import row_seed
 from ..stages.filters import chat_prompt_ids
-from ..templates import bos_prefix, next_turn_ids
+from ..templates import LaterTurn, bos_prefix, next_turn_ids
 
 
 # In the spirit of Magpie's multi-turn runs: the model, as the user, asks a related follow-up question.
@@ -27,7 +27,7 @@ FOLLOW_UP_SYSTEM_PROMPT = (
 @dataclass(frozen=True)
 class TurnSettings:
     num_turns: int
-    header_ids: tuple[int, ...]
+    later: LaterTurn
     instruction_sampling: SamplingParams
     answer_sampling: SamplingParams
     system_prompt: str | None  # None where the template refuses system messages
@@ -43,7 +43,7 @@ def extend_conversations(
 
     Input columns: `uuid`, `prompt` (the first user turn). Output columns: `prompt` (user, assistant, ..., user),
     `instruction` (the last user turn), `prompt_tokens`, `drop_reason` ("later_turn_empty", "later_turn_truncated",
-    "turn_answer_truncated", "prompt_too_long").
+    "turn_answer_empty", "turn_answer_truncated", "prompt_too_long").
     """
     tokenizer = load_tokenizer(generator)
     bos = bos_prefix(tokenizer)
@@ -65,16 +65,15 @@ def extend_conversations(
         for i, answer in zip(live, answers):
             text = tokenizer.decode(answer.token_ids, skip_special_tokens=True).strip()
             conversations[i].append({"role": "assistant", "content": text})
-            if answer.finish_reason != "stop":
+            if not text:
+                reasons[i] = "turn_answer_empty"
+            elif answer.finish_reason != "stop":
                 reasons[i] = "turn_answer_truncated"
         live = [i for i in live if reasons[i] == KEEP]
         questions, tokenizer = sample_completions(
             generator,
             rank,
-            [
-                next_turn_ids(tokenizer, system + conversations[i], settings.header_ids, settings.day, bos)
-                for i in live
-            ],
+            [next_turn_ids(tokenizer, system + conversations[i], settings.later, settings.day, bos) for i in live],
             [row_seed(settings.seed, f"turn{turn}-instruction", batch["uuid"][i], 0) for i in live],
             settings.instruction_sampling,
             max_batch_size=max_batch_size,
@@ -118,7 +117,7 @@ def later_turns(config, models) -> Stage:
         ),
         settings=TurnSettings(
             config.num_turns,
-            tuple(models.next_user_header_ids),
+            models.later_turn,
             SamplingParams(
                 config.instruction_temperature,
                 config.instruction_top_p,
@@ -137,7 +136,13 @@ def later_turns(config, models) -> Stage:
             config.chat_template_date,
         ),
         models={"generator": models.generator},
-        drop_reasons=("later_turn_empty", "later_turn_truncated", "turn_answer_truncated", "prompt_too_long"),
+        drop_reasons=(
+            "later_turn_empty",
+            "later_turn_truncated",
+            "turn_answer_empty",
+            "turn_answer_truncated",
+            "prompt_too_long",
+        ),
         runtime={"max_batch_size": config.generation_batch_size},
         batch_size=config.shard_size,
         if_none_left="raise max_instruction_tokens / max_response_tokens, or lower num_turns",

@@ -62,11 +62,13 @@ def load_prompt_split(path: str, config_name: str | None, split: str, column: st
     from datasets import load_dataset
 
     suffix = Path(path.split("*")[0]).suffix if "*" in path else Path(path).suffix
+    # datasets can serve a local file's old cached table after the file changed in place: read local files anew.
+    local = {"download_mode": "force_redownload"} if Path(path).exists() or "*" in path else {}
     try:
         if suffix in DATA_FILE_BUILDERS and (Path(path).is_file() or "*" in path):
-            rows = load_dataset(DATA_FILE_BUILDERS[suffix], data_files={split: path}, split=split)
+            rows = load_dataset(DATA_FILE_BUILDERS[suffix], data_files={split: path}, split=split, **local)
         else:
-            rows = load_dataset(path, config_name, split=split, revision=revision)
+            rows = load_dataset(path, config_name, split=split, revision=revision, **local)
     except ValueError as error:
         if "split" in str(error).lower():
             raise ValueError(
