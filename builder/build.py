@@ -109,29 +109,27 @@ def model_specs(config: BuildConfig, ranks: Ranks = Ranks()) -> tuple[ModelSpec,
 
 
 def curation_specs(config: BuildConfig, generator: ModelSpec) -> dict[str, ModelSpec | None]:
-    """The judge (default: the generator itself, the same loaded model), the guard and the embedder, where used."""
-    judge = None
-    if config.tag_instructions or config.reward_judge:
-        judge = generator
-        if config.judge_model and config.judge_model != config.generator_model:
-            judge = ModelSpec(
-                config.judge_model,
-                config.judge_revision,
-                config.judge_trust_remote_code,
-                dtype=generator.dtype,
-                device=generator.device,
-                attn_implementation=generator.attn_implementation,
-            )
-    guard = None
-    if config.guard_model:
-        guard = ModelSpec(
-            config.guard_model,
-            config.guard_revision,
-            config.guard_trust_remote_code,
+    """The judge (default: the generator itself, the same loaded model), the guard and the embedder, where used.
+    Another judge and the guard run on the transformers engine, with the generator's dtype and device."""
+
+    def like_generator(role: str) -> ModelSpec:
+        name, revision, remote = (
+            getattr(config, f"{role}_{field}") for field in ("model", "revision", "trust_remote_code")
+        )
+        return ModelSpec(
+            name,
+            revision,
+            remote,
             dtype=generator.dtype,
             device=generator.device,
             attn_implementation=generator.attn_implementation,
         )
+
+    judge = None
+    if config.tag_instructions or config.reward_judge:
+        own_judge = config.judge_model and config.judge_model != config.generator_model
+        judge = like_generator("judge") if own_judge else generator
+    guard = like_generator("guard") if config.guard_model else None
     embedder = None
     if config.near_dedup:
         embedder = ModelSpec(

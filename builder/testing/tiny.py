@@ -15,6 +15,7 @@ A model is named `tiny:<name>` in a config (a colon can never be part of a Hub i
 `$MAGPIE_BUILDER_CACHE` (default `~/.cache/magpie_builder`).
 """
 
+import dataclasses
 import json
 import math
 import random
@@ -109,16 +110,7 @@ CHAT_FAMILIES = {
     ),
 }
 # The safety classifier of the safety stage: Llama-3.1 tokens and Llama-Guard-3-8B's real chat template.
-GUARD_FAMILY = ChatFamily(
-    "guards/llama-guard-3-8b.json",
-    "<|begin_of_text|>",
-    "<|eot_id|>",
-    "<|finetune_right_pad_id|>",
-    LLAMA3_TOKENS + ("<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>"),
-    True,
-    ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
-    ("<|eot_id|>",),
-)
+GUARD_FAMILY = dataclasses.replace(CHAT_FAMILIES["llama-3.1"], template_file="guards/llama-guard-3-8b.json")
 REWARD_MODELS = {
     # name -> (class of model, score_mode of the custom-code model)
     "reward": ("sequence-classification", None),
