@@ -3,7 +3,9 @@
 Adding a stage is one module that declares it (`pipeline/stage.py`) and one entry in that list.
 """
 
+import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -88,23 +90,35 @@ class BuildResult:
 
 def model_specs(config: BuildConfig, ranks: Ranks = Ranks()) -> tuple[ModelSpec, ModelSpec | None]:
     device = config.device
-    if ranks.world_size > 1 and device == "auto":
-        import torch
+    if ranks.world_size > 1 and device == "auto" and config.engine != "vllm":
+        from .devices import visible_gpus
 
-        # One process per GPU across nodes: this process's GPU is its local rank.
-        device = f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
+        # One process per GPU across nodes: this process's GPU is its local rank (vLLM picks its block itself).
+        device = f"cuda:{ranks.local_rank}" if visible_gpus() else "cpu"
+    if ranks.world_size > 1 and device == "sharded" and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "`device` is sharded with several processes per node: each would load a full copy over every GPU. "
+            "Launch one process per node, or use device auto (one GPU per process) or engine vllm."
+        )
     common = {"dtype": config.dtype, "device": device, "attn_implementation": config.attn_implementation}
     generator = ModelSpec(
         config.generator_model,
         config.generator_revision,
         config.generator_trust_remote_code,
-        engine=config.engine,
+        engine=config.engine if config.engine != "auto" else resolve_engine(config).engine,
         tensor_parallel_size=config.tensor_parallel_size,
+        workers=config.num_proc,
+        max_model_len=config.max_prompt_tokens + config.max_response_tokens,
         **common,
     )
     reward = None
     if not config.reward_judge:
-        reward = ModelSpec(config.reward_model, config.reward_revision, config.reward_trust_remote_code, **common)
+        reward_common = common | {"device": config.reward_device}
+        if ranks.world_size > 1 and config.reward_device == "auto":
+            reward_common["device"] = device
+        reward = ModelSpec(
+            config.reward_model, config.reward_revision, config.reward_trust_remote_code, **reward_common
+        )
     return generator, reward
 
 
@@ -221,6 +235,27 @@ def check_models(config: BuildConfig, ranks: Ranks = Ranks()) -> BuildModels:
     )
 
 
+def resolve_engine(config: BuildConfig) -> BuildConfig:
+    """The config with `engine: auto` decided (vLLM where CUDA GPUs are visible and vLLM is installed, else
+    transformers), without initialising CUDA in this process, and the shard size that suits the engine."""
+    engine, why = config.engine, "set in the config"
+    if engine == "auto":
+        import importlib.util
+
+        from .devices import visible_gpus
+
+        gpus = [] if config.device == "cpu" else visible_gpus()
+        if not gpus:
+            engine, why = "transformers", "no CUDA GPU is visible"
+        elif importlib.util.find_spec("vllm") is None:
+            engine, why = "transformers", "vLLM is not installed: pip install 'magpie-builder[vllm]'"
+        else:
+            engine, why = "vllm", f"{len(gpus)} CUDA GPU(s) visible and vLLM installed"
+    logger.info("generation engine: %s (%s)", engine, why)
+    shard_size = config.shard_size or (4096 if engine == "vllm" else 256)
+    return dataclasses.replace(config, engine=engine, shard_size=shard_size)
+
+
 def build(config: BuildConfig, ranks: Ranks = Ranks(), stages=stages_for) -> BuildResult | None:
     """Builds the dataset. Under several processes every rank works; rank 0 alone returns the result.
 
@@ -229,6 +264,7 @@ def build(config: BuildConfig, ranks: Ranks = Ranks(), stages=stages_for) -> Bui
         ranks (`Ranks`, *optional*): this process's place in a multi-process run.
         stages (`Callable`, defaults to `stages_for`): `(config, models) -> list[Stage]`, the build's stages.
     """
+    config = resolve_engine(config)
     models = check_models(config, ranks)
     run = runner.run(
         stages(config, models), ranks=ranks, resume=config.resume, cache_dir=config.cache_dir, num_proc=config.num_proc

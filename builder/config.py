@@ -10,6 +10,7 @@ from datetime import date
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ENGINES = ("auto", "transformers", "vllm")
 
 
 def _help(text: str, **kwargs):
@@ -199,14 +200,16 @@ class BuildConfig:
     )
     # Engine, batching, processes, resume
     engine: str = _help(
-        "Sampling engine: transformers, or vllm (GPU only, `pip install magpie-builder[vllm]`).",
-        default="transformers",
+        "Sampling engine: auto (vLLM where CUDA GPUs are visible and vLLM is installed, else transformers; the "
+        "log says which ran and why), transformers, or vllm (GPU only, `pip install magpie-builder[vllm]`).",
+        default="auto",
     )
     tensor_parallel_size: int = _help("GPUs per vLLM engine (e.g. 4 or 8 for a 70B generator).", default=1)
-    shard_size: int = _help(
+    shard_size: int | None = _help(
         "Instructions per `Dataset.map` batch of the model stages: one generation queue, and the "
-        "unit of resume (a crash redoes only unfinished shards).",
-        default=256,
+        "unit of resume (a crash redoes only unfinished shards). Default: 256 on transformers, 4096 on vLLM "
+        "(whose scheduler would otherwise drain at every shard's end).",
+        default=None,
     )
     generation_batch_size: int = _help(
         "Sequences sampled together by the transformers engine (continuous batching: a "
@@ -224,6 +227,15 @@ class BuildConfig:
     )
     reward_batch_size: int = _help("Sequences per reward-model forward pass.", default=16)
     num_proc: int = _help("Worker processes for the model stages, one model each (one per GPU).", default=1)
+    reward_device: str = _help(
+        "Where the reward model runs: auto (one GPU per worker, data parallel), sharded, or a torch device.",
+        default="auto",
+    )
+    reward_num_proc: int | None = _help(
+        "Worker processes of the reward stage (default: num_proc): 8 scores on 8 GPUs after a vLLM generator "
+        "with tensor_parallel_size 8 is released.",
+        default=None,
+    )
     resume: bool = _help(
         "Keep every finished batch of the model stages and reuse it when the same build runs "
         "again (after a crash, say).",
@@ -270,12 +282,13 @@ class BuildConfig:
         for name in ("generator_model",) + (() if self.reward_judge else ("reward_model",)):
             if not getattr(self, name):
                 fail(name, "is not set", "Give a Hub id, a local folder, or tiny:<name> (e.g. tiny:chat-llama-3.1).")
+        if self.shard_size is not None and (not isinstance(self.shard_size, int) or self.shard_size < 1):
+            fail("shard_size", f"is {self.shard_size!r}", "Use a positive integer, or leave it unset.")
         for name in (
             "num_instructions",
             "max_instruction_tokens",
             "max_prompt_tokens",
             "max_response_tokens",
-            "shard_size",
             "generation_batch_size",
             "reward_batch_size",
             "num_proc",
@@ -303,8 +316,31 @@ class BuildConfig:
             fail("min_reward_margin", f"is {self.min_reward_margin}", "Use 0 or a positive margin.")
         if not 0 < self.test_size < 1:
             fail("test_size", f"is {self.test_size}", "Use a share in (0, 1), e.g. 0.02.")
-        if self.engine not in ("transformers", "vllm"):
-            fail("engine", f"is {self.engine!r}", "Use transformers or vllm.")
+        if self.engine not in ENGINES:
+            fail("engine", f"is {self.engine!r}", "Use auto, transformers or vllm.")
+        if self.shard_size is None and self.engine != "auto":  # auto: set once the engine is known (build.py)
+            self.shard_size = 4096 if self.engine == "vllm" else 256
+        if self.reward_num_proc is not None and (
+            not isinstance(self.reward_num_proc, int) or self.reward_num_proc < 1
+        ):
+            fail("reward_num_proc", f"is {self.reward_num_proc!r}", "Use a positive integer, or leave it unset.")
+        if self.response_temperature == 0 and self.num_responses > 1:
+            fail(
+                "response_temperature",
+                "is 0 with num_responses > 1",
+                "Greedy decoding gives N copies of one answer, so no pair can be made (vLLM refuses it too): use a "
+                "positive temperature (Magpie DPO: 0.8).",
+            )
+        for name in ("instruction_temperature", "response_temperature"):
+            if getattr(self, name) > 2:
+                fail(name, f"is {getattr(self, name)}", "Use at most 2 (vLLM refuses more; Magpie: 1.0 and 0.8).")
+        if self.device == "sharded" and self.num_proc > 1:
+            fail(
+                "device",
+                f"is sharded with num_proc {self.num_proc}",
+                "sharded spreads one model over every GPU, so each worker would load a full copy: use num_proc 1, "
+                "or device auto (one GPU per worker), or engine vllm with tensor_parallel_size.",
+            )
         if self.dtype not in DTYPES:
             fail("dtype", f"is {self.dtype!r}", f"Use one of {', '.join(DTYPES)}.")
         try:

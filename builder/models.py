@@ -26,6 +26,8 @@ class ModelSpec:
     attn_implementation (`str`, *optional*): "sdpa", "flash_attention_2", ...; the library's default otherwise.
     engine (`str`, defaults to `"transformers"`): "transformers" or "vllm" (generator only).
     tensor_parallel_size (`int`, defaults to 1): GPUs per vLLM engine (a 70B model needs several).
+    workers (`int`, defaults to 1): the `num_proc` workers that each load it, so each takes its own GPUs.
+    max_model_len (`int`, *optional*): vLLM's context limit: the prompt cap plus the response cap.
     """
 
     name_or_path: str
@@ -36,6 +38,8 @@ class ModelSpec:
     attn_implementation: str | None = None
     engine: str = "transformers"
     tensor_parallel_size: int = 1
+    workers: int = 1
+    max_model_len: int | None = None
 
 
 def resolve_device(spec: ModelSpec, rank: int | None):
@@ -61,8 +65,8 @@ def resolve_dtype(spec: ModelSpec, device):
     return torch.float32
 
 
-def _custom_code_classes(path: str, revision: str | None) -> dict:
-    """The `auto_map` of a model's config: the classes it implements in its own code, if any."""
+def _config_json(path: str, revision: str | None) -> dict:
+    """A model's config.json, read without executing anything (locally, or that one file from the Hub)."""
     if Path(path).is_dir():
         config_file = Path(path) / "config.json"
     else:
@@ -72,7 +76,15 @@ def _custom_code_classes(path: str, revision: str | None) -> dict:
         config_file = Path(hf_hub_download(path, "config.json", revision=revision))
     if not config_file.exists():
         raise FileNotFoundError(f"{path} has no config.json: it is not a transformers model folder.")
-    return json.loads(config_file.read_text()).get("auto_map", {})
+    return json.loads(config_file.read_text())
+
+
+def builtin_reward_class(spec: "ModelSpec"):
+    """The builder's own implementation of a reward model that ships remote code (ArmoRM), or None."""
+    from .engines.transformers.armorm import ARCHITECTURE, ArmoRMRewardModel
+
+    config = _config_json(resolve_model_path(spec.name_or_path), spec.revision)
+    return ArmoRMRewardModel if ARCHITECTURE in (config.get("architectures") or []) else None
 
 
 def check_remote_code(spec: ModelSpec, auto_class: str, role: str) -> None:
@@ -83,7 +95,9 @@ def check_remote_code(spec: ModelSpec, auto_class: str, role: str) -> None:
     """
     if spec.trust_remote_code:
         return
-    auto_map = _custom_code_classes(resolve_model_path(spec.name_or_path), spec.revision)
+    if auto_class == "AutoModelForSequenceClassification" and builtin_reward_class(spec):
+        return  # the builder's own code loads it (ArmoRM); its remote code never runs
+    auto_map = _config_json(resolve_model_path(spec.name_or_path), spec.revision).get("auto_map", {})
     if auto_class in auto_map:
         raise ValueError(
             f"The {role} {spec.name_or_path} implements {auto_class} in its own code ({auto_map[auto_class]}). "
@@ -158,6 +172,10 @@ def _load(spec: ModelSpec, rank: int | None, auto_class, role: str):
 
     check_remote_code(spec, auto_class.__name__, role)
     path = resolve_model_path(spec.name_or_path)
+    remote = spec.trust_remote_code
+    builtin = builtin_reward_class(spec) if role == "reward" else None
+    if builtin:
+        auto_class, remote = builtin, False  # the builder's own ArmoRM: the checkpoint's code never runs
     device = resolve_device(spec, rank)
     if device is not None and device.type == "cpu":
         # One torch thread per process on CPU is faster and much steadier than several on few cores; raise it
@@ -167,13 +185,12 @@ def _load(spec: ModelSpec, rank: int | None, auto_class, role: str):
     model = auto_class.from_pretrained(
         path,
         revision=spec.revision,
-        trust_remote_code=spec.trust_remote_code,
+        trust_remote_code=remote,
         dtype=resolve_dtype(spec, device),
         attn_implementation=spec.attn_implementation,
-        device_map="auto" if device is None else None,
+        # Straight onto the device: not a full copy in host RAM first, once per worker.
+        device_map="auto" if device is None else {"": device},
     )
-    if device is not None:
-        model = model.to(device)
     model.eval()
     if device is not None and device.type == "cpu":
         from .engines.transformers.cpu.gemm import route_linears

@@ -171,7 +171,9 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
 def test_seed_recipe_config_is_valid_and_exact():
     config = parse_config(["--config", str(SEED_RECIPE)])
     assert config.generator_model == "meta-llama/Llama-3.1-70B-Instruct"
-    assert config.reward_model == "RLHFlow/ArmoRM-Llama3-8B-v0.1" and config.reward_trust_remote_code
+    assert config.reward_model == "RLHFlow/ArmoRM-Llama3-8B-v0.1" and not config.reward_trust_remote_code
+    assert (config.engine, config.tensor_parallel_size, config.num_proc, config.reward_num_proc) == ("vllm", 8, 1, 8)
+    assert config.device == "auto" and config.shard_size == 4096
     assert (config.num_instructions, config.num_responses, config.response_temperature) == (300_000, 5, 0.8)
     # Magpie's curation before the answers: tag, classify, detect, embed, then select 100K by category.
     assert config.tag_instructions and config.detect_language and config.near_dedup
@@ -216,6 +218,10 @@ def test_seed_recipe_script_runs_on_tiny_models(tmp_path):
         "48",
         "--max_response_tokens",
         "24",
+        "--engine",
+        "transformers",
+        "--reward_num_proc",
+        "1",
         "--device",
         "cpu",
         "--dtype",

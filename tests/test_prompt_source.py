@@ -169,7 +169,7 @@ def test_the_ultrafeedback_recipe_is_valid_and_exact_without_loading_models():
         "prompt",
     )
     assert config.generator_model == "meta-llama/Meta-Llama-3-8B-Instruct"
-    assert config.reward_model == "RLHFlow/ArmoRM-Llama3-8B-v0.1" and config.reward_trust_remote_code
+    assert config.reward_model == "RLHFlow/ArmoRM-Llama3-8B-v0.1" and not config.reward_trust_remote_code
     assert (config.num_responses, config.response_temperature, config.response_top_p) == (5, 0.8, 0.95)
     assert config.max_response_tokens == 4096 and config.min_reward_margin == 0.0
 

@@ -81,7 +81,7 @@ def test_card_contents(result, tmp_path):
     assert "temperature 1.0, top_p 1.0" in body and "4 per instruction, temperature 0.8" in body
     assert f"![Reward margins and chosen vs rejected scores]({PLOT_FILE})" in body
     assert (folder / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "accelerate launch --config_file training/accelerate_configs/multi_gpu.yaml training/dpo.py" in body
+    assert "accelerate launch --config_file training/accelerate_configs/zero3.yaml training/dpo.py" in body
     assert "xu2024magpie" in body and "vonwerra2022trl" in body
     assert "wang2024interpretable" not in body  # the tiny stand-in is not ArmoRM
     armo = dataclasses.replace(

@@ -118,7 +118,7 @@ def test_reward_inputs_longer_than_the_limit_are_truncated_and_counted():
 
 def test_custom_code_reward_model_needs_the_opt_in():
     with pytest.raises(ValueError, match="own code.*reward_trust_remote_code: true"):
-        load_reward_model(ModelSpec("tiny:reward-armo"))
+        load_reward_model(ModelSpec("tiny:reward-ties"))
 
 
 def scored(reward_name, responses):

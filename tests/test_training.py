@@ -77,12 +77,12 @@ def test_seed_recipe_values_are_the_published_ones():
 def test_accelerate_configs(config):
     raw = yaml.safe_load(config.read_text())
     expected = {
-        "multi_gpu": ("MULTI_GPU", 8, "bf16"),
-        "deepspeed_zero3": ("DEEPSPEED", 8, "bf16"),
+        "ddp": ("MULTI_GPU", 8, "bf16"),
+        "zero3": ("DEEPSPEED", 8, "bf16"),
         "cpu_ddp": ("MULTI_GPU", 2, "no"),
     }[config.stem]
     assert (raw["distributed_type"], raw["num_processes"], raw["mixed_precision"]) == expected
-    if config.stem == "deepspeed_zero3":
+    if config.stem == "zero3":
         assert raw["deepspeed_config"]["zero_stage"] == 3
 
 
@@ -183,3 +183,17 @@ def test_validation_report_comes_from_the_run(dataset_folder, tmp_path):
     readme = (dataset_folder / "README.md").read_text()
     assert "## Validation run" in readme and markdown.strip() in readme and str(dataset_folder) not in readme
     assert readme.index("## Validation run") < readme.index("## Build config")
+
+
+def test_quantization_is_honoured_with_peft_and_refused_without(monkeypatch):
+    parser = dpo.make_parser()
+    common = ["--config", str(CPU_RECIPE), "--dataset_name", "x"]
+    _, _, model_args = parser.parse_args_and_config([*common, "--load_in_4bit", "true"])
+    with pytest.raises(ValueError, match="use_peft: true"):
+        dpo.quantization_of(model_args)
+    _, _, model_args = parser.parse_args_and_config([*common, "--load_in_4bit", "true", "--use_peft", "true"])
+    passed = []
+    monkeypatch.setattr("trl.get_quantization_config", lambda args: passed.append(args) or "4bit-config")
+    assert dpo.quantization_of(model_args) == "4bit-config" and passed == [model_args]
+    _, _, model_args = parser.parse_args_and_config(common)
+    assert dpo.quantization_of(model_args) is None

@@ -1,6 +1,6 @@
 """DPO on a preference dataset built by magpie-builder, in the alignment-handbook / TRL script shape.
 
-    ACCELERATE_LOG_LEVEL=info accelerate launch --config_file training/accelerate_configs/multi_gpu.yaml \
+    ACCELERATE_LOG_LEVEL=info accelerate launch --config_file training/accelerate_configs/zero3.yaml \
         training/dpo.py --config training/recipes/llama-3.1-8b-magpie-dpo/config_full.yaml [--field value ...]
 
 The dataset is a Hub id or a local folder the builder wrote (`data/{split}-*.parquet`); `tiny:<name>` models are
@@ -37,12 +37,33 @@ def load_models(model_args, training_args):
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=training_args.trust_remote_code,
     )
+    quantization = quantization_of(model_args)
+    if quantization is not None:
+        from accelerate import PartialState
+
+        # Each process puts its quantized copy on its own GPU (what TRL's removed get_kbit_device_map did).
+        kwargs |= {"quantization_config": quantization, "device_map": {"": PartialState().local_process_index}}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     ref_model = None if model_args.use_peft else AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, ref_model, tokenizer
+
+
+def quantization_of(model_args):
+    """TRL's bitsandbytes config for `load_in_4bit` / `load_in_8bit`, or None. A quantized model trains only as the
+    base of a LoRA adapter (QLoRA), so without `use_peft` it is refused rather than ignored."""
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return None
+    if not model_args.use_peft:
+        raise ValueError(
+            "load_in_4bit / load_in_8bit quantize the policy, which then cannot be fully trained: set use_peft: true "
+            "(QLoRA: a LoRA adapter on the quantized model), or drop the quantization."
+        )
+    from trl import get_quantization_config
+
+    return get_quantization_config(model_args)
 
 
 def last_checkpoint(training_args) -> str | None:

@@ -78,6 +78,31 @@ def score_continuations(
     return continuation_logprobs(model, prompts, continuations, pad_id, max_rows=max_rows)
 
 
+def release_models(done, later) -> None:
+    """Frees the models of a finished stage that `later` does not name (model specs): vLLM's engine holds most of
+    every GPU it runs on, and the next stage's model loads next."""
+    import gc
+    import sys
+
+    later = set(later)
+    freed = False
+    vllm = sys.modules.get(f"{__name__}.vllm")
+    if vllm is not None and any(spec.engine == "vllm" and spec not in later for spec in done):
+        freed |= vllm.release_vllm()
+    from .. import models
+
+    for cache in (models.load_generator, models.load_reward_model):
+        cached = getattr(cache, "cache_info", None)  # lru_cache'd loaders (a test may wrap them)
+        if cached and cached().currsize and not later & {spec for spec in done if spec.engine != "vllm"}:
+            cache.cache_clear()
+            freed = True
+    if freed:
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+
 def release_carried_work() -> None:
     """Drops work an engine started for a next batch that never came (`look_ahead`), in this process."""
     import sys

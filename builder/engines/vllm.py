@@ -6,31 +6,62 @@ not depend on its batch either. vLLM's sampler is not the transformers engine's:
 distributed) text across engines.
 """
 
-import functools
-
-from ..models import ModelSpec, resolve_device
+from ..models import ModelSpec
 from ..testing.tiny import resolve_model_path
 from .protocol import Completion, SamplingParams
 
 
-@functools.lru_cache(maxsize=1)
-def load_vllm(spec: ModelSpec, rank: int | None = None):
-    import os
+_engines: dict = {}  # this process's engine, by its spec: one at a time
 
+
+def load_vllm(spec: ModelSpec, rank: int | None = None):
+    """One engine per process, on this worker's own block of `tensor_parallel_size` GPUs."""
+    if spec in _engines:
+        return _engines[spec]
+    release_vllm()  # another model: its engine goes first
+    from ..devices import claim_gpus
+
+    if spec.device in ("auto", "sharded"):
+        # Before vLLM (or anything) initialises CUDA in this process, so the block and spawn apply.
+        claim_gpus(rank, spec.workers, spec.tensor_parallel_size)
     from vllm import LLM
 
-    if spec.device == "auto" and spec.tensor_parallel_size == 1:
-        # One engine per worker process, each on its own GPU (the datasets multi-GPU recipe).
-        device = resolve_device(spec, rank)
-        if device.type == "cuda":
-            os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(device.index))
-    return LLM(
+    _engines[spec] = LLM(
         model=resolve_model_path(spec.name_or_path),
         revision=spec.revision,
         dtype="auto" if spec.dtype == "auto" else spec.dtype,
         tensor_parallel_size=spec.tensor_parallel_size,
         trust_remote_code=spec.trust_remote_code,
+        max_model_len=spec.max_model_len,
     )
+    return _engines[spec]
+
+
+def release_vllm() -> bool:
+    """Shuts this process's engine down and gives its GPU memory back (the reward model loads next). Returns
+    whether there was one."""
+    if not _engines:
+        return False
+    import gc
+
+    (llm,) = _engines.values()
+    _engines.clear()
+    engine = getattr(llm, "llm_engine", None)
+    for owner in (llm, engine, getattr(engine, "engine_core", None)):
+        shutdown = getattr(owner, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+            break
+    del llm, engine
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+    return True
 
 
 def sample_vllm(
@@ -48,6 +79,7 @@ def sample_vllm(
             max_tokens=params.max_new_tokens,
             stop_token_ids=list(params.stop_token_ids),
             seed=seeds[i * num_samples] & 0x7FFFFFFF,
+            detokenize=False,  # the builder decodes the token ids itself
         )
         for i in range(len(prompts))
     ]
@@ -60,7 +92,12 @@ def sample_vllm(
             token_ids = list(sample_output.token_ids)
             if token_ids and token_ids[-1] in stop_ids:  # vLLM keeps the stop token that ended the sample
                 token_ids = token_ids[:-1]
-            reason = "length" if sample_output.finish_reason == "length" else "stop"
+            reason = sample_output.finish_reason
+            if reason not in ("stop", "length"):  # "abort", "error": a sample vLLM did not finish
+                raise RuntimeError(
+                    f"vLLM ended a sample with finish reason {reason!r}, not stop or length: the engine failed or "
+                    "was stopped. Rerun the same command to resume from the finished shards."
+                )
             completions.append(Completion(token_ids, reason))
     return completions
 

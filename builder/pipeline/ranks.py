@@ -2,8 +2,9 @@
 
 On one process the stages run over the whole dataset (with `num_proc` workers for the model stages, one model
 each). Under `accelerate launch` / `torchrun` (WORLD_SIZE > 1, one process per GPU across nodes) every rank runs
-the model stages on its own part (`split_dataset_by_node`) and writes it to a shared folder; after a barrier the
-parts are concatenated in rank order, which gives exactly the rows of a one-process run.
+the model stages on its own part (`split_dataset_by_node`) and writes it to a shared folder; once every rank's part
+is there (a file barrier, `wait_for_parts`) the parts are concatenated in rank order, which gives exactly the rows
+of a one-process run.
 """
 
 import os
@@ -26,7 +27,6 @@ class Ranks:
     world_size: int = 1
     local_rank: int = 0
     parts_dir: str | None = None
-    barrier: object = None
 
     def part(self, rows: Dataset) -> Dataset:
         if self.world_size == 1:
@@ -41,10 +41,36 @@ class Ranks:
             return rows
         folder = Path(self.parts_dir) / stage
         rows.save_to_disk(str(folder / f"rank-{self.rank:05d}"))
-        self.barrier()
+        wait_for_parts(folder, self.rank, self.world_size)
         parts = [load_from_disk(str(folder / f"rank-{r:05d}")) for r in range(self.world_size)]
         # A rank with no rows (more ranks than rows) mapped nothing and has none of the new columns.
         return concatenate_datasets([part for part in parts if len(part)])
+
+
+RANK_WAIT_SECONDS = 7 * 24 * 3600  # ranks of a resumed multi-day stage can finish days apart
+POLL_SECONDS = 5.0
+
+
+def wait_for_parts(folder: Path, rank: int, world_size: int, timeout: float = RANK_WAIT_SECONDS) -> None:
+    """A barrier on files in the shared parts folder: this rank's part is marked done, then every rank's is awaited.
+
+    Not NCCL's barrier, whose watchdog ends the job after 10 minutes: ranks that finish a multi-hour stage (or a
+    resumed one) far apart are normal here. A rank that never comes is named in the error after `timeout`.
+    """
+    import time
+
+    (folder / f"done-rank-{rank:05d}").write_text("")
+    start = time.monotonic()
+    while True:
+        missing = [r for r in range(world_size) if not (folder / f"done-rank-{r:05d}").exists()]
+        if not missing:
+            return
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(
+                f"Ranks {missing} did not finish {folder.name} within {timeout / 3600:.0f} h (their parts go to "
+                f"{folder}). Check those ranks' logs; rerunning the same command resumes every finished batch."
+            )
+        time.sleep(POLL_SECONDS)
 
 
 def distributed_ranks(run_key: str, cache_dir: str | None) -> Ranks:
@@ -52,15 +78,18 @@ def distributed_ranks(run_key: str, cache_dir: str | None) -> Ranks:
     names the shared folder of this run's parts under `cache_dir`."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Ranks()
-    import torch
     from accelerate import PartialState
 
-    # Without CUDA, accelerate's processes talk over gloo on the CPU only when asked to.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # gloo, on the CPU: the ranks only meet once at the start (the parts' barrier is files), and an NCCL group would
+    # initialise CUDA in this process before each rank's engine has picked its own GPUs (`devices.py`).
+    state = PartialState(cpu=True)
     parts = Path(cache_dir or cache_root() / "batches") / "parts" / run_key
-    return Ranks(
-        state.process_index, state.num_processes, state.local_process_index, str(parts), state.wait_for_everyone
-    )
+    if state.is_main_process:
+        # Markers of an earlier run of this command would let a rank read parts still being rewritten.
+        for marker in parts.glob("*/done-rank-*"):
+            marker.unlink(missing_ok=True)
+    state.wait_for_everyone()  # once, at the start, when the ranks start together
+    return Ranks(state.process_index, state.num_processes, state.local_process_index, str(parts))
 
 
 def _process_alive(pid: int) -> bool:

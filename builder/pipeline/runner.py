@@ -123,6 +123,7 @@ def _model_stage(
     stage: Stage, rows: Dataset, key: str, ranks: Ranks, resume_dir: str | None, num_proc: int
 ) -> Dataset:
     rows = ranks.part(rows)
+    num_proc = stage.num_proc or num_proc
     workers = num_proc if num_proc > 1 and len(rows) > 1 else None
     rows = rows.map(
         cached_batch,
@@ -227,6 +228,13 @@ def run(
                     f"rows: {stage.if_none_left or 'check its settings'}, or raise num_instructions."
                 )
         rows = _spend_columns(out, stages[index + 1 :], internal)
+        if stage.kind == MODEL:
+            from ..engines import release_models
+
+            # What the next model stage does not use goes, so it has the memory (a vLLM engine holds most of every
+            # GPU); a model used again later is loaded again then.
+            upcoming = next((later for later in stages[index + 1 :] if later.kind == MODEL), None)
+            release_models(stage.models.values(), upcoming.models.values() if upcoming else [])
         if index == last_model and ranks.rank != 0:
             shutil.rmtree(tables, ignore_errors=True)  # this rank's parts are in the shared parts folder
             return None

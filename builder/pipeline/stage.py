@@ -109,6 +109,7 @@ class Stage:
         batch_size (`int`, defaults to 1000): rows per `map` batch; for a model stage, the unit of resume.
         batched (`bool`, defaults to `True`): a `ROWS` stage's `apply` takes one example when False.
         look_ahead (`bool`): a model stage's `apply` also gets the worker's next batch (`next_batch=`).
+        num_proc (`int`, *optional*): a model stage's worker processes, where not the run's `num_proc`.
         tally (`Callable`, *optional*): `tally(rows) -> (tokens, notes)`: what the ledger records of its output.
         if_none_left (`str`): what to change when no row survives it, said in the error.
     """
@@ -128,6 +129,7 @@ class Stage:
     batch_size: int = 1000
     batched: bool = True
     look_ahead: bool = False
+    num_proc: int | None = None
     tally: Callable | None = None
     if_none_left: str = ""
 

@@ -273,6 +273,6 @@ def table_cell(text: str) -> str:
 
 def train_command(dataset_id: str) -> str:
     return (
-        "ACCELERATE_LOG_LEVEL=info accelerate launch --config_file training/accelerate_configs/multi_gpu.yaml "
+        "ACCELERATE_LOG_LEVEL=info accelerate launch --config_file training/accelerate_configs/zero3.yaml "
         f"training/dpo.py --config {TRAIN_RECIPE} --dataset_name {dataset_id}"
     )

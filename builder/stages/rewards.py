@@ -84,6 +84,7 @@ def rewards(config, models) -> Stage:
         models={"reward": models.reward},
         runtime={"batch_size": config.reward_batch_size},
         batch_size=config.shard_size,
+        num_proc=config.reward_num_proc,
         tally=truncations,
     )
 

@@ -30,7 +30,7 @@ from ..paths import cache_root
 
 TINY_PREFIX = "tiny:"
 # Bump when the tiny models change, so a cache from an older version is never reused.
-TINY_VERSION = "7"
+TINY_VERSION = "8"
 LLAMA3_SPLIT_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 
@@ -114,7 +114,7 @@ GUARD_FAMILY = dataclasses.replace(CHAT_FAMILIES["llama-3.1"], template_file="gu
 REWARD_MODELS = {
     # name -> (class of model, score_mode of the custom-code model)
     "reward": ("sequence-classification", None),
-    "reward-armo": ("custom-code", "model"),
+    "reward-armo": ("armorm", None),  # ArmoRM's architecture and checkpoint layout, loaded by the builder's own code
     "reward-ties": ("custom-code", "constant"),
     "reward-nan": ("custom-code", "nan_on_odd_length"),
 }
@@ -380,6 +380,33 @@ def build_reward_model(name: str, folder: Path, spec: TinyModelSpec) -> None:
         with torch.no_grad():
             model.score.weight.normal_(0.0, 1.0)  # rewards spread around 1, like a trained head
         model.save_pretrained(folder)
+    elif kind == "armorm":
+        from ..engines.transformers.armorm import ARCHITECTURE, ArmoRMRewardModel
+
+        pattern = tokenizer.encode(
+            "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False
+        )
+        config = _llama_config(
+            spec,
+            tokenizer,
+            num_objectives=5,
+            gating_temperature=10,
+            gating_hidden_dim=16,
+            gating_n_hidden=3,
+            gating_token_pattern=pattern,
+        )
+        model = ArmoRMRewardModel(config)
+        with torch.no_grad():
+            model.regression_layer.weight.normal_(0.0, 0.25)  # margins of about a tenth between responses
+            # Not the identity and not 1, as in the published checkpoint: a loader that dropped them would show.
+            model.reward_transform_matrix[0, 1:] -= 0.3
+            model.gating.logit_scale.fill_(1.7)
+        model.save_pretrained(folder)
+        # As published: the remote code's architecture and auto_map, which the builder's own class replaces.
+        saved = json.loads((folder / "config.json").read_text())
+        saved["architectures"] = [ARCHITECTURE]
+        saved["auto_map"] = {"AutoModelForSequenceClassification": f"modeling_custom.{ARCHITECTURE}"}
+        (folder / "config.json").write_text(json.dumps(saved, indent=2))
     else:
         code = resources.files("builder.testing").joinpath("tiny_armo").joinpath(ARMO_MODELING_FILE).read_text()
         namespace: dict = {}

@@ -43,16 +43,23 @@ class TokensPrompt:
 class LLM:
     instances: list = []
 
-    def __init__(self, model, revision=None, dtype="auto", tensor_parallel_size=1, trust_remote_code=False):
+    def __init__(
+        self, model, revision=None, dtype="auto", tensor_parallel_size=1, trust_remote_code=False, max_model_len=None
+    ):
         self.kwargs = dict(
             model=model,
             revision=revision,
             dtype=dtype,
             tensor_parallel_size=tensor_parallel_size,
             trust_remote_code=trust_remote_code,
+            max_model_len=max_model_len,
         )
         self.calls = []
+        self.shut_down = False
         LLM.instances.append(self)
+
+    def shutdown(self):  # vLLM's LLM.shutdown: the engine core and its workers stop, their GPU memory is freed
+        self.shut_down = True
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
         if not isinstance(sampling_params, list):  # one SamplingParams for every prompt, as vLLM allows
@@ -60,6 +67,7 @@ class LLM:
         assert len(prompts) == len(sampling_params)
         self.calls.append((prompts, sampling_params))
         outputs = []
+        assert not self.shut_down, "an engine that was shut down was used again"
         for prompt, params in zip(prompts, sampling_params):
             if params.prompt_logprobs is not None:
                 # Like vLLM: None for the first prompt token, then a dict holding each token's own log-probability.
@@ -93,9 +101,9 @@ def fake_vllm(monkeypatch):
     module.LLM, module.SamplingParams, module.TokensPrompt = LLM, SamplingParams, TokensPrompt
     monkeypatch.setitem(sys.modules, "vllm", module)
     LLM.instances.clear()
-    vllm_engine.load_vllm.cache_clear()
+    vllm_engine.release_vllm()
     yield module
-    vllm_engine.load_vllm.cache_clear()
+    vllm_engine.release_vllm()
 
 
 def test_build_with_the_vllm_engine(fake_vllm):
@@ -160,3 +168,22 @@ def test_build_with_tags_and_the_judge_reward_on_vllm(fake_vllm):
     assert any(p.prompt_logprobs == 1 for _, params in llm.calls for p in params)
     assert all(label in ("very easy", "easy", "medium", "hard", "very hard") for label in train["difficulty"])
     assert all(1 <= r <= 10 for row in train["rewards"] for r in row)
+
+
+def test_the_engine_is_shut_down_before_the_reward_model_loads(fake_vllm, monkeypatch):
+    from builder import models
+
+    seen = []
+    load = models.load_reward_model
+
+    def watching(spec, rank=None):
+        seen.append([llm.shut_down for llm in LLM.instances])
+        return load(spec, rank)
+
+    monkeypatch.setattr(models, "load_reward_model", watching)
+    monkeypatch.setattr("builder.stages.rewards.load_reward_model", watching)
+    config = small_config(engine="vllm", num_instructions=8, num_responses=2)
+    build(config)
+    (llm,) = LLM.instances
+    assert seen and all(states == [True] for states in seen)
+    assert llm.kwargs["max_model_len"] == config.max_prompt_tokens + config.max_response_tokens
