@@ -153,3 +153,27 @@ def test_the_reward_stage_runs_in_its_own_number_of_workers():
     generator, reward = model_specs(config)
     stage = rewards.rewards(config, BuildModels(generator, reward, "local", "local", None))
     assert stage.num_proc == 8
+
+
+def test_the_kv_cache_is_what_the_estimate_says_and_a_cache_that_cannot_fit_is_refused_with_what_fits(monkeypatch):
+    import torch
+
+    from builder.engines.transformers import generation
+    from builder.models import ModelSpec, load_generator
+
+    model, _ = load_generator(ModelSpec("tiny:chat-llama-3.1", device="cpu"))
+    prompts = [[5, 6, 7, 8, 9, 10], [5, 6, 7]]
+    batch = generation.ContinuousBatch(model, generation.SamplingParams(1.0, 1.0, 20, (1,)), prompts, 4, 0)
+    batch.submit(prompts, [1, 2], 1)
+    batch.run()
+    blocks = {layer.key_buffer.untyped_storage().data_ptr(): layer for layer in batch.cache.layers}
+    allocated = sum(layer.key_buffer.untyped_storage().nbytes() for layer in blocks.values())
+    longest = batch.cache.longest_prompt
+    assert allocated == generation.kv_cache_bytes(model.config, 4, longest, 20, 4)
+    # On a GPU with too little free memory: the error names the settings and what fits.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * 2**20, 80 * 2**30))
+    cache = generation.SlotCache(model, 256, 1800, 2048)
+    like = torch.empty(1, model.config.num_key_value_heads, 1, 16)
+    groups = {(torch.device("cuda", 0), like.dtype, like.shape[1], like.shape[-1]): [0, 1]}
+    with pytest.raises(MemoryError, match=r"generation_batch_size 256 .* Lower generation_batch_size to \d+"):
+        cache._check_memory(groups)

@@ -23,6 +23,7 @@ def sample_completions(
     same_prompt: bool = False,
     max_batch_size: int = 64,
     then: tuple[list[list[int]], list[int]] | None = None,
+    prompt_cap: int | None = None,
 ):
     """(completions, tokenizer): `len(prompts) * num_samples` completions, grouped by prompt.
 
@@ -53,6 +54,7 @@ def sample_completions(
         pad_token_id=pad_id,
         max_batch_size=max_batch_size,
         then=then,
+        prompt_cap=prompt_cap,
     )
     return completions, tokenizer
 

@@ -27,6 +27,7 @@ def generate_responses(
     settings: ResponseSettings,
     max_batch_size: int = 64,
     next_batch: dict | None = None,
+    prompt_cap: int | None = None,
 ):
     """Samples N responses per prompt, all N from one shared prefill of the chat prompt.
 
@@ -54,6 +55,7 @@ def generate_responses(
         num_samples=n,
         max_batch_size=max_batch_size,
         then=work(next_batch) if next_batch else None,
+        prompt_cap=prompt_cap,
     )
     config = {
         "output_generator": public_model_name(generator.name_or_path),
@@ -113,7 +115,7 @@ def responses(config, models) -> Stage:
             config.chat_template_date,
         ),
         models={"generator": models.generator},
-        runtime={"max_batch_size": config.generation_batch_size},
+        runtime={"max_batch_size": config.generation_batch_size, "prompt_cap": config.max_prompt_tokens},
         batch_size=config.shard_size,
         look_ahead=config.look_ahead,
         tally=response_tokens,

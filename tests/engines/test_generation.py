@@ -302,6 +302,9 @@ def test_the_shared_prefix_runs_once_and_matches_a_full_recompute(monkeypatch):
     torch.testing.assert_close(logits, whole_logits, atol=1e-5, rtol=1e-4)
     for a, b in zip(on_prefix.layers, whole.layers):
         for p, prompt in enumerate(prompts):
+            # Left of the prompt: padding, zeros (no reader relies on what a kernel does with masked values).
+            assert not a.key_buffer[p, :, : a.key_buffer.shape[2] - len(prompt)].any()
+            assert not a.value_buffer[p, :, : a.value_buffer.shape[2] - len(prompt)].any()
             columns = slice(-len(prompt), None)
             torch.testing.assert_close(a.key_buffer[p, :, columns], b.key_buffer[p, :, columns], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(
@@ -309,8 +312,9 @@ def test_the_shared_prefix_runs_once_and_matches_a_full_recompute(monkeypatch):
             )
 
 
+@pytest.mark.parametrize("value_dim", [16, 12])  # 12: value heads smaller than query heads, as MLA models have
 @pytest.mark.parametrize("masked", [True, False])
-def test_cascade_attention_equals_attention_over_the_prefix_copied_into_every_row(masked):
+def test_cascade_attention_equals_attention_over_the_prefix_copied_into_every_row(masked, value_dim):
     from types import SimpleNamespace
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -321,9 +325,9 @@ def test_cascade_attention_equals_attention_over_the_prefix_copied_into_every_ro
     batch, heads, kv_heads, dim, own, length = 5, 8, 2, 16, 9, 6
     module = SimpleNamespace(layer_idx=1, num_key_value_groups=heads // kv_heads, is_causal=True)
     query = torch.randn(batch, heads, 1, dim)
-    keys, values = torch.randn(batch, kv_heads, own, dim), torch.randn(batch, kv_heads, own, dim)
+    keys, values = torch.randn(batch, kv_heads, own, dim), torch.randn(batch, kv_heads, own, value_dim)
     prefix = SharedPrefix(
-        length, [(None, None), (torch.randn(1, kv_heads, length, dim), torch.randn(1, kv_heads, length, dim))]
+        length, [(None, None), (torch.randn(1, kv_heads, length, dim), torch.randn(1, kv_heads, length, value_dim))]
     )
     # Rows see their last 9, 4, 1, 7 and 2 own columns (left padding of a continuous batch).
     mask = torch.arange(own)[None, :] >= torch.tensor([0, 5, 8, 2, 7])[:, None]
@@ -343,7 +347,7 @@ def test_cascade_attention_equals_attention_over_the_prefix_copied_into_every_ro
         full_mask,
         scaling=0.3,
     )
-    assert got.shape == expected.shape == (batch, 1, heads, dim)
+    assert got.shape == expected.shape == (batch, 1, heads, value_dim)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     # Outside a decode step it is plain SDPA.
     plain, _ = cascade_attention(module, query, keys, values, mask, scaling=0.3)

@@ -281,15 +281,16 @@ def prefill(
         **cache_argument(model, cache),
     )
     if shared and realign:
-        # Row i is [prefix | padding | own tokens]; move the prefix right, next to its own tokens. Columns left of
-        # the prefix keep a copy of what was there (prefix or padding keys): finite, and masked by every reader.
+        # Row i is [prefix | padding | own tokens]; move the prefix right, next to its own tokens. The columns left of
+        # it are padding: zeros, so no reader depends on how a kernel treats a masked column's values.
         padding = width - mask[:, root:].sum(-1, keepdim=True)
         column = torch.arange(root + width, device=mask.device)[None, :]
         source = torch.where((column >= padding) & (column < padding + root), column - padding, column)
+        left = (column < padding).to(cache.layers[0].key_buffer.device)[:, None, :, None]
         for layer in cache.layers:
             index = source.to(layer.device)[:, None, :, None].expand_as(layer.key_buffer)
-            layer.key_buffer = layer.key_buffer.gather(2, index)
-            layer.value_buffer = layer.value_buffer.gather(2, index)
+            layer.key_buffer = layer.key_buffer.gather(2, index).masked_fill(left, 0)
+            layer.value_buffer = layer.value_buffer.gather(2, index).masked_fill(left, 0)
     return cache, (out.logits[:, -1] if causal_lm else None)
 
 
@@ -335,9 +336,10 @@ def cascade_attention(
         )
     scaling = dim**-0.5 if scaling is None else scaling
     groups = heads // kv_heads
+    value_dim = value.shape[-1]  # not the query's: MLA models (DeepSeek-V2/V3) have value heads of another size
     # Grouped-query heads of one key/value head become rows of one small matmul (no repeated keys).
     query = query.reshape(batch, kv_heads, groups, dim)
-    if cpu_attention.usable(query, key, value, attention_mask):
+    if value_dim == dim and cpu_attention.usable(query, key, value, attention_mask):
         # fp32 on CPU: one pass in C over the prefix and each row's live columns (see cpu_attention.py).
         out = cpu_attention.decode_attention(
             query, key, value, attention_mask, prefix_keys[0], prefix_values[0], scaling
@@ -356,8 +358,8 @@ def cascade_attention(
     weights = torch.softmax(torch.cat([shared, own], dim=-1), dim=-1).to(value.dtype)
     out = torch.matmul(weights[..., length:], value)
     on_prefix = weights[..., :length].transpose(0, 1).reshape(kv_heads, batch * groups, length)
-    out += torch.matmul(on_prefix, prefix_values[0]).view(kv_heads, batch, groups, dim).transpose(0, 1)
-    return out.reshape(batch, 1, heads, dim), None
+    out += torch.matmul(on_prefix, prefix_values[0]).view(kv_heads, batch, groups, value_dim).transpose(0, 1)
+    return out.reshape(batch, 1, heads, value_dim), None
 
 
 AttentionInterface.register(CASCADE_ATTENTION, cascade_attention)
@@ -411,6 +413,15 @@ class SlotLayer(DynamicLayer):
         return self.length - self.first
 
 
+def kv_cache_bytes(config, rows: int, longest_prompt: int, max_new_tokens: int, dtype_bytes: int) -> int:
+    """What `SlotCache` allocates for a model config: every layer's keys and values, `rows` x columns (a sequence's
+    span, the longest prompt plus the token cap, and half again for slack) x key/value heads x head size."""
+    span = longest_prompt + max_new_tokens
+    columns = span + max(16, span // 2)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers * 2 * rows * config.num_key_value_heads * columns * head_dim * dtype_bytes
+
+
 class SlotCache(DynamicCache):
     """The KV cache of a continuous batch: `rows` sequences that come and go.
 
@@ -450,12 +461,32 @@ class SlotCache(DynamicCache):
         for index, prefilled in enumerate(source.layers):
             like = prefilled.key_buffer
             groups.setdefault((like.device, like.dtype, like.shape[1], like.shape[-1]), []).append(index)
+        self._check_memory(groups)
         for (device, dtype, heads, dim), members in groups.items():
             block = torch.zeros((len(members), 2, self.rows, heads, self.columns, dim), dtype=dtype, device=device)
             for position, index in enumerate(members):
                 layer = self.layers[index]
                 layer.key_buffer, layer.value_buffer = block[position, 0], block[position, 1]
                 layer.device, layer.is_initialized, layer.length = device, True, self.longest_prompt
+
+    def _check_memory(self, groups: dict) -> None:
+        """On a GPU, the block must fit in the free memory: else a clear error that says what would fit, before
+        torch's out-of-memory, and before any of the shard's work."""
+        import torch
+
+        for (device, dtype, heads, dim), members in groups.items():
+            if device.type != "cuda":
+                continue
+            per_row = len(members) * 2 * heads * self.columns * dim * dtype.itemsize
+            free, _ = torch.cuda.mem_get_info(device)
+            if per_row * self.rows > free:
+                raise MemoryError(
+                    f"The KV cache of the transformers engine needs {per_row * self.rows / 2**30:.1f} GiB on {device} "
+                    f"(generation_batch_size {self.rows} x {self.columns} columns: the prompt cap plus "
+                    f"max_response_tokens, and half again for slack), but {free / 2**30:.1f} GiB are free. Lower "
+                    f"generation_batch_size to {max(1, free // per_row)} or less, or max_response_tokens / "
+                    "max_prompt_tokens; or use engine: vllm, which pages its cache."
+                )
 
     def fill_rows(
         self,
@@ -563,7 +594,15 @@ class ContinuousBatch:
     sample), and `run` returns the first job's completions while the second's keep their place.
     """
 
-    def __init__(self, model, params: SamplingParams, prompts: list[list[int]], rows: int, pad_token_id: int):
+    def __init__(
+        self,
+        model,
+        params: SamplingParams,
+        prompts: list[list[int]],
+        rows: int,
+        pad_token_id: int,
+        prompt_cap: int | None = None,
+    ):
         self.model, self.params, self.pad_token_id, self.rows = model, params, pad_token_id, rows
         self.device = model.device
         # The tokens every prompt starts with run once, not once per refill (half of a short chat prompt).
@@ -574,7 +613,11 @@ class ContinuousBatch:
             self.cascade = cascade
         # With cascade attention the slot cache holds each prompt's own tokens only; the prefix is read once per step.
         self.kept = self.root if self.cascade else 0  # prompt columns the slot cache does not hold
-        self.cache = SlotCache(model, rows, max(map(len, prompts)) - self.kept, params.max_new_tokens)
+        longest = max(map(len, prompts))
+        if prompt_cap and self.device.type == "cuda":
+            # Sized for any shard, not this one's longest prompt: a later shard cannot run out of memory hours in.
+            longest = max(longest, prompt_cap)
+        self.cache = SlotCache(model, rows, longest - self.kept, params.max_new_tokens)
         self.cache_kwarg = cache_argument(model, self.cache)
         self.stop_ids = torch.tensor(sorted(params.stop_token_ids), dtype=torch.long, device=self.device)
         self.holder: list[int | None] = [None] * rows  # the completion each batch row holds; None = free
@@ -773,6 +816,7 @@ def sample(
     pad_token_id: int = 0,
     max_batch_size: int = 64,
     then: tuple[list[list[int]], list[int]] | None = None,
+    prompt_cap: int | None = None,
 ) -> list[Completion]:
     """Samples `num_samples` completions of every prompt, `len(prompts) * num_samples` in all, grouped by prompt,
     in a continuous batch (`ContinuousBatch`) of up to `max_batch_size` sequences.
@@ -790,6 +834,8 @@ def sample(
         pad_token_id (`int`, defaults to 0): the id used for left padding (masked out).
         max_batch_size (`int`, defaults to 64): sequences decoded together.
         then (`tuple`, *optional*): the next call's prompts and seeds.
+        prompt_cap (`int`, *optional*): the longest prompt any call can bring (`max_prompt_tokens`): on a GPU the
+            KV cache is sized for it, and checked against the free memory, from the first call on.
     """
     global _carried
     then = then if then and then[1] else None
@@ -819,7 +865,12 @@ def sample(
     ):
         coming = len(then[1]) if then else 0
         running = ContinuousBatch(
-            model, params, prompts + (then[0] if then else []), min(max_batch_size, len(seeds) + coming), pad_token_id
+            model,
+            params,
+            prompts + (then[0] if then else []),
+            min(max_batch_size, len(seeds) + coming),
+            pad_token_id,
+            prompt_cap,
         )
         running.submit(prompts, seeds, num_samples)
     if then and len(running.jobs) == 1 and running.accepts(then[0]):
