@@ -51,6 +51,17 @@ print("RESULT " + json.dumps({{"ledger": json.loads(result.ledger.to_json()), "u
     return {**json.loads(line[len("RESULT ") :]), "seconds": seconds}
 
 
+def kv_estimate_gib() -> float:
+    """`kv_cache_bytes` for these builds: 256 rows, prompts capped at max_prompt_tokens (1800), 512 new tokens."""
+    from transformers import AutoConfig
+
+    from builder.engines.transformers.generation import kv_cache_bytes
+    from builder.testing.tiny import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path("tiny:chat-llama-3.1@small"))
+    return kv_cache_bytes(config, 256, 1800, 512, 2) / 2**30
+
+
 def check_rows(result: dict) -> str:
     stages = result["ledger"]["stages"]
     problems = [
@@ -93,6 +104,7 @@ def main():
     except ImportError:
         engines = ["transformers"]
         print("vLLM is not installed and could not be: only the transformers engine runs")
+    print(f"KV cache estimate of the transformers engine, per worker: {kv_estimate_gib():.2f} GiB (bf16)")
     print(f"{'engine':<13} {'num_proc':>8} {'seconds':>8} {'resp tok/s':>11} {'peak GiB':>9}  rows")
     for engine in engines:
         for num_proc in sorted({1, max(gpus, 1)}):
