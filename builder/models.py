@@ -110,6 +110,10 @@ def public_model_name(name_or_path: str) -> str:
     only (a local path, with its home directory, must not be published)."""
     if name_or_path.startswith("tiny:"):
         return name_or_path
+    if name_or_path.startswith("packaged:"):
+        from .testing.packaged import packaged_model
+
+        return packaged_model(name_or_path).hub_id
     path = Path(name_or_path).expanduser()
     if path.is_absolute() or name_or_path.startswith((".", "~")) or path.is_dir():
         return path.name

@@ -13,7 +13,7 @@ from builder.publish.folder import write_folder
 from conftest import ROOT, small_config
 
 
-DEMO = str(ROOT / "dataset_scripts" / "demo.yaml")
+DEMO = str(ROOT / "dataset_scripts" / "demo_tiny.yaml")
 SEED_RECIPE = ROOT / "dataset_scripts" / "magpie_llama31_pro_dpo_100k.yaml"
 
 

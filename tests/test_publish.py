@@ -227,7 +227,7 @@ def test_cli_pushes_and_prints_the_url(hub, tmp_path, capsys):
         main(
             [
                 "--config",
-                "dataset_scripts/demo.yaml",
+                "dataset_scripts/demo_tiny.yaml",
                 "--num_instructions",
                 "12",
                 "--output_dir",

@@ -17,7 +17,7 @@ from builder.pipeline.resume import BatchCache
 from conftest import ROOT, same_rows, small_config
 
 
-DEMO = str(ROOT / "dataset_scripts" / "demo.yaml")
+DEMO = str(ROOT / "dataset_scripts" / "demo_tiny.yaml")
 MODEL_STAGES = ("instructions", "responses", "rewards")
 
 

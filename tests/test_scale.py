@@ -17,7 +17,7 @@ from conftest import ROOT, free_port, same_rows, small_config
 
 
 BIN = Path(sys.executable).parent
-DEMO = str(ROOT / "dataset_scripts" / "demo.yaml")
+DEMO = str(ROOT / "dataset_scripts" / "demo_tiny.yaml")
 
 
 def rows(dataset_dict):

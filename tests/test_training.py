@@ -33,7 +33,7 @@ def dataset_folder(tmp_path_factory):
     build_main(
         [
             "--config",
-            str(ROOT / "dataset_scripts" / "demo.yaml"),
+            str(ROOT / "dataset_scripts" / "demo_tiny.yaml"),
             "--num_instructions",
             "40",
             "--test_size",

