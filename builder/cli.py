@@ -13,6 +13,11 @@ def main(argv: list[str] | None = None) -> int:
     from .publish.folder import write_folder
     from .publish.hub import push_to_hub
 
+    if config.dry_run:
+        from .dry_run import describe
+
+        print(describe(config))
+        return 0
     ranks = distributed_ranks(config)
     if config.num_proc > 1:
         # CUDA cannot be used in forked workers; the datasets multi-GPU recipe spawns them.

@@ -253,6 +253,11 @@ class BuildConfig:
         "Folder to write: data/{split}-*.parquet, README.md, build config and summary.", default=None
     )
     save_to_disk: bool = _help("Also write `DatasetDict.save_to_disk` under output_dir/arrow.", default=False)
+    dry_run: bool = _help(
+        "Print the stages, the models and where each runs, the pre-query and stop ids, and the estimated tokens "
+        "and KV memory, without loading any weights or writing anything.",
+        default=False,
+    )
     output_format: str = _help(
         "dpo: TRL's preference format (prompt, chosen, rejected); sft: TRL's conversational language-modeling "
         "format (`messages`, the chosen answer as the last turn), as Magpie's multi-turn and filtered sets are.",
@@ -260,7 +265,17 @@ class BuildConfig:
     )
     # Card and Hub
     pretty_name: str | None = _help("Name shown on the dataset card.", default=None)
-    license: str = _help("Dataset license (the generator's license usually binds it).", default="other")
+    license: str = _help(
+        "Dataset license, a Hub license id (the generator's license usually binds it: llama3.1, apache-2.0); other "
+        "with license_name and license_link for one the Hub does not list.",
+        default="other",
+    )
+    license_name: str | None = _help(
+        "With license: other, the license's short name (the Hub asks for it).", default=None
+    )
+    license_link: str | None = _help(
+        "With license: other, a link to the license's text (the Hub asks for it).", default=None
+    )
     language: list[str] = _help("Languages of the data.", default_factory=lambda: ["en"])
     source_datasets: list[str] = _help("Datasets the prompts came from, if any.", default_factory=list)
     push_to_hub: bool = _help("Push the dataset and its card to the Hub after building.", default=False)
@@ -369,6 +384,12 @@ class BuildConfig:
         if self.prompt_test_split and self.prompt_test_split == self.prompt_split:
             fail(
                 "prompt_test_split", f"is the train split {self.prompt_split!r}", "Name another split of the dataset."
+            )
+        if (self.license_name or self.license_link) and self.license != "other":
+            fail("license_name", f"is set with license {self.license!r}", "license_name/link go with license: other.")
+        if self.license_link and not self.license_link.startswith(("https://", "http://", "LICENSE")):
+            fail(
+                "license_link", f"is {self.license_link!r}", "Give a URL to the license's text, or a file in the repo."
             )
         if self.push_to_hub and not self.repo_id:
             fail("repo_id", "is not set but push_to_hub is", "Give repo_id as user/name.")

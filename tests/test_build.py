@@ -287,3 +287,21 @@ def test_a_model_that_cannot_be_found_is_a_clear_error(field, tmp_path):
         build(small_config(**{field: str(tmp_path / "no-such-model")}))
     with pytest.raises(ValueError, match="Unknown tiny model 'tiny:chat-llama-9'"):
         build(small_config(generator_model="tiny:chat-llama-9"))
+
+
+def test_dry_run_says_what_would_run_without_loading_weights_or_writing(tmp_path, capsys, monkeypatch):
+    from builder import models
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a dry run loaded weights")
+
+    monkeypatch.setattr(models, "load_generator", no_weights)
+    monkeypatch.setattr(models, "load_reward_model", no_weights)
+    assert cli_main(["--config", DEMO, "--output_dir", str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("instructions", "filter", "dedup", "responses", "rewards", "binarize", "split"):
+        assert f"  {stage} " in out
+    assert "generator tiny:chat-llama-3.1 (transformers on cpu, float32)" in out
+    assert "Pre-query template (chat_template): '<|begin_of_text|>" in out and "Instruction stop ids: [" in out
+    assert "KV cache: " in out and "GiB per worker" in out
+    assert not (tmp_path / "out").exists()

@@ -91,6 +91,12 @@ def test_card_contents(result, tmp_path):
     config_in_card = yaml.safe_load(body.split("```yaml\n", 1)[1].split("```", 1)[0])
     assert config_in_card == yaml.safe_load((folder / "build_config.yaml").read_text())
     assert config_in_card["num_responses"] == 4 and "output_dir" not in config_in_card
+    # Rebuilding with the published config must not push to the author's repo.
+    pushing = dataclasses.replace(
+        result, config=dataclasses.replace(result.config, push_to_hub=True, repo_id="alice/x")
+    )
+    published = yaml.safe_load(str(render_card(pushing)).split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert not {"push_to_hub", "repo_id", "private", "hub_revision", "force_push", "cache_dir"} & set(published)
     # Long strings are cut in the examples.
     examples = body.split("## Examples", 1)[1].split("## Usage", 1)[0]
     assert all(len(s) <= 302 + 2 for s in re.findall(r'"(?:[^"\\]|\\.)*"', examples))
@@ -265,3 +271,20 @@ def test_a_card_commit_that_fails_says_the_data_landed(result, hub, monkeypatch)
     monkeypatch.setattr(HfApi, "create_commit", real_commit)
     push_to_hub(result, "alice/tiny-dpo")
     assert PLOT_FILE in hub.files("alice/tiny-dpo")
+
+
+def test_license_other_carries_its_name_and_link(result):
+    other = dataclasses.replace(
+        result,
+        config=dataclasses.replace(
+            result.config, license="other", license_name="my-license", license_link="https://example.org/LICENSE"
+        ),
+    )
+    card = render_card(other)
+    assert (card.data.license, card.data.license_name, card.data.license_link) == (
+        "other",
+        "my-license",
+        "https://example.org/LICENSE",
+    )
+    with pytest.raises(ValueError, match="license_name/link go with license: other"):
+        small_config(license="apache-2.0", license_name="x")

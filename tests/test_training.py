@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from datasets import load_dataset
 from safetensors.torch import load_file
 
 from builder.cli import main as build_main
@@ -180,6 +181,10 @@ def test_validation_report_comes_from_the_run(dataset_folder, tmp_path):
     assert written["steps"] == 8 and written["learned"] == (state_evals[-1]["eval_loss"] < state_evals[0]["eval_loss"])
     markdown = (output / "validation_report.md").read_text()
     assert f"| eval_loss | {state_evals[0]['eval_loss']:.4f} | {state_evals[-1]['eval_loss']:.4f} |" in markdown
+    # The demo's test split is a handful of pairs: the report gives the numbers and says that is too few to judge.
+    test_rows = len(load_dataset(str(dataset_folder), split="test"))
+    assert written["test_rows"] == test_rows < validate.MIN_TEST_ROWS
+    assert f"on {test_rows} test pairs: too few test pairs to judge" in markdown and "went down" not in markdown
     readme = (dataset_folder / "README.md").read_text()
     assert "## Validation run" in readme and markdown.strip() in readme and str(dataset_folder) not in readme
     assert readme.index("## Validation run") < readme.index("## Build config")
@@ -197,3 +202,10 @@ def test_quantization_is_honoured_with_peft_and_refused_without(monkeypatch):
     assert dpo.quantization_of(model_args) == "4bit-config" and passed == [model_args]
     _, _, model_args = parser.parse_args_and_config(common)
     assert dpo.quantization_of(model_args) is None
+
+
+def test_the_verdict_names_the_rows_and_judges_only_a_test_split_large_enough():
+    report = {"before": {"eval_loss": 0.69}, "after": {"eval_loss": 0.55}, "learned": True, "test_rows": 400}
+    assert validate.verdict(report) == "eval loss 0.6900 -> 0.5500 on 400 test pairs: it went down"
+    assert "too few test pairs to judge" in validate.verdict(report | {"test_rows": 2})
+    assert validate.verdict(report | {"learned": False}).endswith("it did not go down")

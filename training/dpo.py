@@ -132,5 +132,15 @@ def main(argv: list[str] | None = None):
     return trainer
 
 
+def close_process_group() -> None:
+    # A process group left open at exit can abort a rank in its C++ teardown ("terminate called without an active
+    # exception"), which fails a finished run.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])
+    close_process_group()

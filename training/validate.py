@@ -36,6 +36,9 @@ class ValidationArguments:
     )
 
 
+MIN_TEST_ROWS = 50  # below this a difference in eval loss says more about the rows drawn than about the data
+
+
 def report_from_history(log_history: list[dict], trainer_metrics: dict) -> dict:
     """Before/after eval metrics and the run's size, read off the trainer's own log."""
     evals = [entry for entry in log_history if "eval_loss" in entry]
@@ -56,11 +59,21 @@ def report_from_history(log_history: list[dict], trainer_metrics: dict) -> dict:
     }
 
 
+def verdict(report: dict) -> str:
+    """What the numbers say, with the row counts they stand on."""
+    before, after = report["before"]["eval_loss"], report["after"]["eval_loss"]
+    rows = report.get("test_rows")
+    moved = f"eval loss {before:.4f} -> {after:.4f} on {rows} test pairs"
+    if rows is not None and rows < MIN_TEST_ROWS:
+        return f"{moved}: too few test pairs to judge whether DPO learns from this data (at least {MIN_TEST_ROWS})"
+    return f"{moved}: {'it went down' if report['learned'] else 'it did not go down'}"
+
+
 def report_markdown(report: dict, dataset_name: str, model: str) -> str:
+    trained = f" on {report['train_rows']} training pairs" if report.get("train_rows") is not None else ""
     lines = [
-        f"DPO validation of `{dataset_name}` on `{model}`: {report['steps']} steps in "
-        f"{report['train_runtime_seconds']:.1f} s; eval loss "
-        f"{'went down' if report['learned'] else 'did not go down'}.",
+        f"DPO validation of `{dataset_name}` on `{model}`: {report['steps']} steps{trained} in "
+        f"{report['train_runtime_seconds']:.1f} s; {verdict(report)}.",
         "",
         "| metric | before | after |",
         "|---|---:|---:|",
@@ -103,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     report = report_from_history(state.log_history, metrics)
     report |= {
+        "train_rows": len(trainer.train_dataset),
+        "test_rows": len(trainer.eval_dataset) if trainer.eval_dataset is not None else None,
         "dataset": script_args.dataset_name,
         "model": model_args.model_name_or_path,
         "learning_rate": training_args.learning_rate,
@@ -128,3 +143,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    import dpo
+
+    dpo.close_process_group()

@@ -109,10 +109,24 @@ def plot_rewards(dataset: DatasetDict, path) -> None:
     plt.close(fig)
 
 
+PUBLISHING_FIELDS = (
+    "output_dir",
+    "cache_dir",
+    "push_to_hub",
+    "repo_id",
+    "private",
+    "hub_revision",
+    "force_push",
+    "dry_run",
+)
+
+
 def public_config(config) -> dict:
-    """The build config as it may be published: no output folder, no local paths (models show their name)."""
+    """The build config as it may be published: no output folder or cache folder, no local paths (models show their
+    name), and nothing about publishing (rebuilding with it must not push to the author's repo)."""
     values = config.to_dict()
-    values.pop("output_dir", None)
+    for key in PUBLISHING_FIELDS:
+        values.pop(key, None)
     for key in ("generator_model", "reward_model", "judge_model", "guard_model", "embedding_model"):
         if values.get(key) and not values[key].startswith("packaged:"):  # a packaged name rebuilds offline as is
             values[key] = public_model_name(values[key])
@@ -158,6 +172,8 @@ def render_card(result, *, repo_id: str | None = None, metadata: dict | None = N
     total_rows = sum(len(s) for s in dataset.values())
     card_data = DatasetCardData(
         license=config.license,
+        license_name=config.license_name,
+        license_link=config.license_link,
         language=config.language,
         task_categories=["text-generation"],
         size_categories=[size_category(total_rows)],
