@@ -4,7 +4,39 @@ import logging
 import sys
 
 
+DEBUG_ENV = "MAGPIE_BUILDER_DEBUG"
+# What a user fixes in the config, the command or the input (exit 2); anything else is a runtime failure (exit 1).
+INPUT_ERRORS = (ValueError, FileNotFoundError, ImportError, KeyError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs a build and returns the exit code: 0, 2 for a bad config or input, 1 for a runtime failure, 130 when
+    interrupted. Errors are one line (`error: what, and the fix`); `--debug` (or MAGPIE_BUILDER_DEBUG=1) shows the
+    traceback instead."""
+    import os
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV) == "1"
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        print(
+            "interrupted: run the same command again to resume; every finished batch of the model stages is kept.",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as error:
+        if debug:
+            raise
+        code = 2 if isinstance(error, INPUT_ERRORS) else 1
+        message = " ".join(str(error).split()) or type(error).__name__
+        hint = "" if code == 2 else f" ({type(error).__name__}; --debug shows where)"
+        print(f"error: {message}{hint}", file=sys.stderr)
+        return code
+
+
+def run(argv: list[str]) -> int:
     from .config import parse_config
 
     config = parse_config(argv)

@@ -317,6 +317,8 @@ class BuildConfig:
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(name, f"is {getattr(self, name)!r}", "Use a positive integer.")
+        if not isinstance(self.num_responses, int) or isinstance(self.num_responses, bool):
+            fail("num_responses", f"is {self.num_responses!r}", "Use a whole number of responses, 2 or more.")
         if self.num_responses < 2:
             fail("num_responses", f"is {self.num_responses}", "Chosen and rejected need at least 2 responses.")
         for name in ("instruction_temperature", "response_temperature"):
@@ -358,10 +360,20 @@ class BuildConfig:
             )
         if self.dtype not in DTYPES:
             fail("dtype", f"is {self.dtype!r}", f"Use one of {', '.join(DTYPES)}.")
+        if isinstance(self.chat_template_date, date):
+            fail(
+                "chat_template_date",
+                f"is the YAML date {self.chat_template_date}",
+                f'Quote it, so it stays text: chat_template_date: "{self.chat_template_date.isoformat()}"',
+            )
         try:
             date.fromisoformat(self.chat_template_date)
         except (TypeError, ValueError):
-            fail("chat_template_date", f"is {self.chat_template_date!r}", "Use a date as YYYY-MM-DD.")
+            fail(
+                "chat_template_date",
+                f"is {self.chat_template_date!r}",
+                'Use a date as "YYYY-MM-DD" (e.g. "2024-07-26").',
+            )
         if self.system_prompt and self.pre_query_template:
             fail(
                 "system_prompt",
@@ -449,9 +461,50 @@ class BuildConfig:
         return dataclasses.asdict(self)
 
 
+# A recipe's `env:` block would set these for the whole process (TrlParser copies it into the environment): a shared
+# recipe could send the user's token and data to another server, or carry a token itself.
+REFUSED_ENV = ("TOKEN", "ENDPOINT", "HF_", "HUGGING_FACE", "HUGGINGFACE")
+
+
 def parse_config(args: list[str] | None = None) -> BuildConfig:
     """`--config recipe.yaml` plus command-line overrides, as TRL's scripts parse them."""
+    import sys
+
     from trl import TrlParser
 
-    (config,) = TrlParser(BuildConfig).parse_args_and_config(args)
+    args = list(sys.argv[1:] if args is None else args)
+    if "--config" in args:
+        index = args.index("--config")
+        if index + 1 == len(args) or args[index + 1].startswith("--"):
+            raise ValueError("`--config` needs the path of a recipe YAML, e.g. --config dataset_scripts/demo.yaml.")
+        check_recipe(args[index + 1])
+    parser = TrlParser(BuildConfig)
+
+    def refuse(message: str):  # argparse would print the whole usage (every field) above the one line that matters
+        raise ValueError(f"{message}. `magpie-build --help` lists the fields.")
+
+    parser.error = refuse
+    (config,) = parser.parse_args_and_config(args)
     return config
+
+
+def check_recipe(path: str) -> None:
+    """A recipe that exists, is YAML, and sets no credentials or Hub endpoint through `env:`."""
+    from pathlib import Path
+
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"The recipe {path} does not exist: give the path of a YAML file to --config.")
+    try:
+        recipe = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"The recipe {path} is not valid YAML ({' '.join(str(error).split())}).") from error
+    env = (recipe or {}).get("env") if isinstance(recipe, dict) else None
+    refused = [key for key in (env or {}) if any(part in str(key).upper() for part in REFUSED_ENV)]
+    if refused:
+        raise ValueError(
+            f"The recipe {path} sets {', '.join(refused)} in its `env:` block; credentials and Hub endpoints never "
+            "come from a config file. Remove them, and set them in your shell (HF_TOKEN) or with `hf auth login`."
+        )

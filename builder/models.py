@@ -145,15 +145,28 @@ def model_info(spec: ModelSpec, role: str) -> ModelInfo:
     auto_class = {"reward": "AutoModelForSequenceClassification", "embedding": "AutoModel"}.get(
         role, "AutoModelForCausalLM"
     )
+    name = spec.name_or_path
+    looks_local = name.startswith(("/", ".", "~")) or (os.sep in name and name.count("/") != 1)
+    if looks_local and not Path(name).expanduser().exists():
+        raise ValueError(
+            f"The {role} model folder {name} does not exist. Set `{role}_model` to a model folder or a Hub id."
+        )
     try:
         check_remote_code(spec, auto_class, role)
-        path = resolve_model_path(spec.name_or_path)
+        path = resolve_model_path(name)
         config = AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     except (OSError, HFValidationError) as error:  # a missing folder, a malformed or unknown Hub id, no network
         raise ValueError(
-            f"Cannot load the {role} model {spec.name_or_path!r} ({type(error).__name__}: {error}). Set "
+            f"Cannot load the {role} model {name!r} ({type(error).__name__}: {' '.join(str(error).split())}). Set "
             f"`{role}_model` to a Hub id, a local model folder, or tiny:<name> (e.g. tiny:chat-llama-3.1)."
         ) from error
+    except ValueError as error:  # a config.json that is not JSON, a model type transformers does not know
+        raise ValueError(
+            f"The {role} model {name!r} has a config.json that cannot be read ({' '.join(str(error).split())}). "
+            f"Check that folder's config.json, or set `{role}_model` to another model."
+        ) from error
+    if role == "reward":
+        check_reward_head(spec, config)
     eos = config.eos_token_id
     if auto_class == "AutoModelForCausalLM":
         try:
@@ -168,7 +181,55 @@ def model_info(spec: ModelSpec, role: str) -> ModelInfo:
             f"The {role} model {spec.name_or_path} has no chat template, so its inputs cannot be rendered the way "
             f"it was trained. Use a {role} model that ships one."
         )
-    return ModelInfo(tokenizer, eos_ids, getattr(config, "_commit_hash", None) or spec.revision or "local")
+    revision = getattr(config, "_commit_hash", None) or spec.revision
+    return ModelInfo(tokenizer, eos_ids, revision or local_revision(resolve_model_path(name)))
+
+
+def check_reward_head(spec: ModelSpec, config) -> None:
+    """A reward model scores with one output: a sequence classifier with one label, ArmoRM, or custom code whose
+    output has `.score`. A classifier of two labels would be read at its label 0, and a causal LM would get a newly
+    initialised (random) score head: both are refused before anything is generated."""
+    if builtin_reward_class(spec) or spec.trust_remote_code:
+        return
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ValueError(
+            f"The reward model {spec.name_or_path} is a {architectures[0]}, not a reward model: its score head would "
+            "be created at random. Set `reward_model` to a sequence classifier with one label (a reward model), or "
+            "use `reward_judge: true` to let a chat model rate the answers."
+        )
+    if getattr(config, "num_labels", 1) != 1:
+        raise ValueError(
+            f"The reward model {spec.name_or_path} has {config.num_labels} labels; a reward model has one score. "
+            "Set `reward_model` to a reward model (one label), or use `reward_judge: true`."
+        )
+
+
+def local_revision(path: str) -> str:
+    """What identifies a local model folder, so that one changed in place never reuses cached work: a hash of its
+    small files (config, tokenizer, template) whole, and of each large (weight) file its size, its safetensors header
+    (every tensor's name, shape and offsets) and 16 slices of 64 KiB spread over it: a fine-tune changes every
+    slice, and reading 1 MiB a file keeps a 140 GB model's check to a second."""
+    import hashlib
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return "local"
+    digest = hashlib.blake2b(digest_size=12)
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        digest.update(str(file.relative_to(folder)).encode())
+        size = file.stat().st_size
+        digest.update(str(size).encode())
+        with open(file, "rb") as handle:
+            if size <= 8 * 2**20:
+                digest.update(handle.read())
+                continue
+            if file.suffix == ".safetensors":
+                digest.update(handle.read(8 + int.from_bytes(handle.read(8), "little")))
+            for start in range(0, size, max(1, size // 16)):
+                handle.seek(start)
+                digest.update(handle.read(2**16))
+    return f"local:{digest.hexdigest()}"
 
 
 def _load(spec: ModelSpec, rank: int | None, auto_class, role: str):

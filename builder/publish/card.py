@@ -7,6 +7,7 @@ local path.
 """
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -200,16 +201,17 @@ def render_card(result, *, repo_id: str | None = None, metadata: dict | None = N
         for s in ledger.stages
     ]
     load_id = repo_id or "path/to/output_dir"
+    config_yaml = yaml.safe_dump(public_config(config), sort_keys=False, allow_unicode=True)
     template = resources.files("builder.publish").joinpath("cards").joinpath(TEMPLATE)
     with resources.as_file(template) as template_path:
         return DatasetCard.from_template(
             card_data,
             template_path=str(template_path),
-            title=config.pretty_name or repo_id or "Magpie preference dataset",
+            title=heading(config.pretty_name or repo_id or "Magpie preference dataset"),
             generator=public_model_name(config.generator_model),
             generator_note=packaged_note(config.generator_model),
             generator_revision=first_row["gen_response_configs"]["generator_revision"],
-            prompt_dataset=prompt_dataset_line(result),
+            prompt_dataset=table_cell(prompt_dataset_line(result)) if config.prompt_dataset else None,
             num_turns=config.num_turns,
             sft=config.output_format == "sft",
             reward_model=reward_name(result),
@@ -238,12 +240,13 @@ def render_card(result, *, repo_id: str | None = None, metadata: dict | None = N
             statistics=table,
             **truncation,
             columns=[(column.name, column.description) for column in result.columns],
-            examples=example_rows(dataset),
+            examples=[(fence(example), example) for example in example_rows(dataset)],
             load_id=load_id,
             plot_file=PLOT_FILE,
             config_file=CONFIG_FILE,
             train_command=train_command(load_id),
-            config_yaml=yaml.safe_dump(public_config(config), sort_keys=False, allow_unicode=True),
+            config_yaml=config_yaml,
+            config_fence=fence(config_yaml),
             cite_armorm="armorm" in (config.reward_model or "").lower() and not config.reward_judge,
             **curation_context(result),
         )
@@ -293,9 +296,25 @@ def attach_validation_report(readme: Path, report_markdown: str) -> None:
     readme.write_text(text[:anchor] + section + text[anchor:])
 
 
+def html_escaped(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def table_cell(text: str) -> str:
-    """Text that stays inside one Markdown table cell: pipes escaped, no line breaks, no backticks."""
-    return text.replace("|", "\\|").replace("`", "'").replace("\n", "\\n")
+    """Text that stays inside one Markdown table cell: pipes escaped, no line breaks, no backticks, no HTML."""
+    return html_escaped(text).replace("|", "\\|").replace("`", "'").replace("\n", "\\n")
+
+
+def heading(text: str) -> str:
+    """User text as a one-line heading: no line breaks, no HTML, no Markdown that would restructure the card."""
+    line = html_escaped(" ".join(text.split()))
+    return re.sub(r"([\\`*_{}\[\]#+!|~])", r"\\\1", line)
+
+
+def fence(text: str) -> str:
+    """A code fence longer than any run of backticks in `text`, so the text cannot close its block."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
 
 
 def train_command(dataset_id: str) -> str:

@@ -1,0 +1,183 @@
+"""Bad input and faults: one clear line and an exit code instead of a traceback, wrong models refused before any
+generation, no stale reuse of a model changed in place, no credentials from recipes, a card user text cannot break."""
+
+import logging
+import re
+import shutil
+
+import pytest
+import yaml
+from huggingface_hub import DatasetCard
+
+from builder.build import build
+from builder.cli import main as cli_main
+
+from conftest import ROOT, small_config
+
+
+DEMO = ROOT / "dataset_scripts" / "demo_tiny.yaml"
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    code = cli_main([str(a) for a in args])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def assert_one_line(err: str, *fragments: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.mark.parametrize(
+    "recipe, fragments",
+    [
+        ("chat_template_date: 2024-07-26\n", ["Quote it", 'chat_template_date: "2024-07-26"']),
+        ("num_responses: 2.5\n", ["`num_responses` is 2.5", "whole number"]),
+        ("num_instruction: 5\n", ["num_instruction"]),
+        ("env:\n  HF_ENDPOINT: http://127.0.0.1:9\n", ["HF_ENDPOINT", "never come from a config file"]),
+        ("env:\n  HF_TOKEN: hf_abc\n", ["HF_TOKEN", "hf auth login"]),
+        ("generator_model: [unclosed\n", ["not valid YAML"]),
+    ],
+)
+def test_a_bad_recipe_is_one_line_and_exit_2(tmp_path, capsys, recipe, fragments):
+    path = tmp_path / "recipe.yaml"
+    base = "generator_model: tiny:chat-llama-3.1\nreward_model: tiny:reward\n"
+    path.write_text(recipe if recipe.startswith("generator_model") else base + recipe)
+    code, err = run_cli(["--config", path, "--output_dir", tmp_path / "out"], capsys)
+    assert code == 2
+    assert_one_line(err, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--config"], ["`--config` needs the path"]),
+        (["--config", "no/such/recipe.yaml"], ["does not exist"]),
+        (["--config", DEMO, "--num_responses", "2.5"], ["invalid int value: '2.5'", "--help"]),
+        (
+            ["--config", DEMO, "--generator_model", "./no/such/folder"],
+            ["model folder ./no/such/folder does not exist"],
+        ),
+    ],
+)
+def test_a_bad_command_line_is_one_line_and_exit_2(capsys, args, fragments):
+    code, err = run_cli(args, capsys)
+    assert code == 2
+    assert_one_line(err, *fragments)
+
+
+def test_a_corrupt_model_config_names_the_file(tmp_path, capsys, tiny_model):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model("chat-llama-3.1"), folder)
+    (folder / "config.json").write_text("{not json")
+    code, err = run_cli(["--config", DEMO, "--generator_model", folder], capsys)
+    assert code == 2
+    assert_one_line(err, "config.json", "generator_model")
+
+
+def test_a_runtime_failure_is_exit_1_and_debug_shows_the_traceback(monkeypatch, capsys):
+    def fail(*args, **kwargs):
+        raise RuntimeError("the engine stopped")
+
+    monkeypatch.setattr("builder.build.build", fail)
+    code, err = run_cli(["--config", DEMO], capsys)
+    assert code == 1
+    assert_one_line(err, "the engine stopped", "--debug")
+    with pytest.raises(RuntimeError, match="the engine stopped"):
+        cli_main(["--config", str(DEMO), "--debug"])
+
+
+def test_ctrl_c_says_how_to_resume(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("builder.build.build", interrupted)
+    code, err = run_cli(["--config", DEMO], capsys)
+    assert code == 130 and "Traceback" not in err
+    assert err.strip() == (
+        "interrupted: run the same command again to resume; every finished batch of the model stages is kept."
+    )
+
+
+def test_a_causal_lm_or_a_two_label_classifier_is_refused_as_reward_model_before_generating(tmp_path, tiny_model):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    with pytest.raises(ValueError, match="LlamaForCausalLM, not a reward model.*reward_judge"):
+        build(small_config(reward_model="tiny:chat-llama-3.1", reward_trust_remote_code=False))
+    two = tmp_path / "two-labels"
+    config = LlamaConfig(
+        vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(two)
+    AutoTokenizer.from_pretrained(tiny_model("reward")).save_pretrained(two)
+    with pytest.raises(ValueError, match="has 2 labels; a reward model has one score"):
+        build(small_config(reward_model=str(two), reward_trust_remote_code=False))
+
+
+def test_a_local_model_changed_in_place_is_not_served_its_old_batches(tmp_path, tiny_model, caplog):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "generator"
+    shutil.copytree(tiny_model("chat-llama-3.1"), folder)
+    config = dict(generator_model=str(folder), num_instructions=8, resume=True, cache_dir=str(tmp_path / "cache"))
+    first = build(small_config(**config)).dataset
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)  # a fine-tune of the same shapes, saved over the old weights
+    model.save_pretrained(folder)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="magpie_builder"):
+        second = build(small_config(**config)).dataset
+    assert not any("Generating instructions: reused" in r.getMessage() for r in caplog.records)
+    assert first["train"]["instruction"] != second["train"]["instruction"]
+
+
+def outside_code(markdown: str) -> str:
+    """The lines of `markdown` outside fenced code blocks (a fence closes only with at least as many backticks)."""
+    kept, fence = [], None
+    for line in markdown.splitlines():
+        run = len(line) - len(line.lstrip("`"))
+        if fence is None and run >= 3:
+            fence = run
+        elif fence is not None and run >= fence and not line.strip("`"):
+            fence = None
+        elif fence is None:
+            kept.append(line)
+    return "\n".join(kept)
+
+
+HOSTILE = "# Take over <script>alert(1)</script> | --- ```\n## Injected section"
+
+
+def test_user_text_cannot_break_the_card(tmp_path):
+    from builder.publish.card import public_config, render_card
+
+    result = build(
+        small_config(num_instructions=12, pretty_name=HOSTILE, system_prompt="Be brief.\n```\n---\n<b>x</b>")
+    )
+    card = str(render_card(result))
+    # After the YAML metadata (where the name is data), and outside code blocks (text in a fence it cannot close).
+    body = outside_code(card.split("\n---\n", 1)[1])
+    assert "<script>" not in body and "<b>" not in body
+    assert "\n## Injected section" not in body
+    title = next(line for line in card.splitlines() if line.startswith("# "))
+    assert "&lt;script&gt;" in title and "\n" not in title
+    loaded = DatasetCard(card)
+    assert loaded.data.pretty_name == HOSTILE  # the YAML metadata keeps the name exactly
+    # The build config block parses back to the published config, however many backticks the prompt holds.
+    block = card.split("## Build config", 1)[1]
+    fence = re.search(r"\n(`{3,})yaml\n", block).group(1)
+    assert len(fence) > 3  # the system prompt holds a run of three
+    config_text = block.split(fence + "yaml\n", 1)[1].split("\n" + fence, 1)[0]
+    assert yaml.safe_load(config_text) == yaml.safe_load(
+        yaml.safe_dump(public_config(result.config), sort_keys=False, allow_unicode=True)
+    )
+    assert card.count("\n## Build config") == 1 and card.count("\n## Citation") == 1
