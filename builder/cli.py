@@ -45,6 +45,10 @@ def run(argv: list[str]) -> int:
     from .publish.folder import write_folder
     from .publish.hub import push_to_hub
 
+    if config.output_dir:
+        from .publish.folder import check_output_dir
+
+        check_output_dir(config.output_dir, config.overwrite_output_dir)  # before any model loads
     if config.dry_run:
         from .dry_run import describe
 

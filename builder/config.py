@@ -252,6 +252,10 @@ class BuildConfig:
     output_dir: str | None = _help(
         "Folder to write: data/{split}-*.parquet, README.md, build config and summary.", default=None
     )
+    overwrite_output_dir: bool = _help(
+        "Replace the contents of an output_dir that holds files magpie-builder did not write (refused otherwise).",
+        default=False,
+    )
     save_to_disk: bool = _help("Also write `DatasetDict.save_to_disk` under output_dir/arrow.", default=False)
     dry_run: bool = _help(
         "Print the stages, the models and where each runs, the pre-query and stop ids, and the estimated tokens "

@@ -283,8 +283,14 @@ def test_cli_help_lists_the_fields(capsys):
 
 @pytest.mark.parametrize("field", ["generator_model", "reward_model"])
 def test_a_model_that_cannot_be_found_is_a_clear_error(field, tmp_path):
-    with pytest.raises(ValueError, match=f"Cannot load the {field.split('_')[0]} model .*Set `{field}`"):
+    with pytest.raises(
+        ValueError, match=f"The {field.split('_')[0]} model folder .*no-such-model does not exist. Set `{field}`"
+    ):
         build(small_config(**{field: str(tmp_path / "no-such-model")}))
+    with pytest.raises(
+        ValueError, match=f"Cannot load the {field.split('_')[0]} model 'nobody/no-such-model'.*Set `{field}`"
+    ):
+        build(small_config(**{field: "nobody/no-such-model"}))
     with pytest.raises(ValueError, match="Unknown tiny model 'tiny:chat-llama-9'"):
         build(small_config(generator_model="tiny:chat-llama-9"))
 

@@ -141,7 +141,7 @@ def test_a_local_model_changed_in_place_is_not_served_its_old_batches(tmp_path, 
 
 
 def outside_code(markdown: str) -> str:
-    """The lines of `markdown` outside fenced code blocks (a fence closes only with at least as many backticks)."""
+    """`markdown` outside code: fenced blocks (a fence closes only with at least as many backticks) and spans."""
     kept, fence = [], None
     for line in markdown.splitlines():
         run = len(line) - len(line.lstrip("`"))
@@ -151,7 +151,7 @@ def outside_code(markdown: str) -> str:
             fence = None
         elif fence is None:
             kept.append(line)
-    return "\n".join(kept)
+    return re.sub(r"`[^`\n]*`", "", "\n".join(kept))  # and inline code spans, where HTML is text too
 
 
 HOSTILE = "# Take over <script>alert(1)</script> | --- ```\n## Injected section"
@@ -181,3 +181,83 @@ def test_user_text_cannot_break_the_card(tmp_path):
         yaml.safe_dump(public_config(result.config), sort_keys=False, allow_unicode=True)
     )
     assert card.count("\n## Build config") == 1 and card.count("\n## Citation") == 1
+
+
+@pytest.fixture(scope="module")
+def small_result():
+    return build(small_config(num_instructions=12))
+
+
+def test_a_folder_the_builder_did_not_write_is_refused_before_building(tmp_path, capsys, monkeypatch):
+    from datasets import load_dataset
+
+    theirs = tmp_path / "their-dataset"
+    (theirs / "data").mkdir(parents=True)
+    (theirs / "data" / "train-00000-of-00001.parquet").write_bytes(b"their rows")
+    (theirs / "README.md").write_text("their card")
+    built = []
+    monkeypatch.setattr("builder.build.build", lambda *a, **k: built.append(1))
+    code, err = run_cli(["--config", DEMO, "--output_dir", theirs], capsys)
+    assert code == 2 and not built
+    assert_one_line(err, "holds files magpie-builder did not write (README.md, data)", "overwrite_output_dir: true")
+    assert (theirs / "README.md").read_text() == "their card"  # untouched
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    code, err = run_cli(["--config", DEMO, "--output_dir", file], capsys)
+    assert code == 2 and not built
+    assert_one_line(err, "is a file")
+    monkeypatch.undo()
+    assert cli_main(["--config", str(DEMO), "--output_dir", str(theirs), "--overwrite_output_dir", "true"]) == 0
+    assert (
+        load_dataset(str(theirs), split="train").num_rows > 0
+        and "their card" not in (theirs / "README.md").read_text()
+    )
+
+
+def test_a_rebuild_leaves_nothing_of_the_earlier_one(small_result, tmp_path):
+    import dataclasses
+
+    from datasets import load_dataset
+
+    from builder.publish.folder import MARKER, write_folder
+
+    folder = tmp_path / "out"
+    with_arrow = dataclasses.replace(small_result, config=dataclasses.replace(small_result.config, save_to_disk=True))
+    write_folder(with_arrow, folder)
+    assert (folder / "arrow").is_dir() and (folder / MARKER).exists()
+    (folder / "data" / "train-99999-of-99999.parquet").write_bytes(b"stray")  # would make the folder unloadable
+    write_folder(small_result, folder)
+    assert not (folder / "arrow").exists()
+    assert sorted(p.name for p in (folder / "data").iterdir()) == [
+        "test-00000-of-00001.parquet",
+        "train-00000-of-00001.parquet",
+    ]
+    assert load_dataset(str(folder), split="train").num_rows == len(small_result.dataset["train"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or retired folder left
+
+
+def test_a_write_that_fails_midway_leaves_the_earlier_dataset_whole(small_result, tmp_path, monkeypatch):
+    from datasets import load_dataset
+
+    from builder.publish import folder as folder_module
+
+    folder = tmp_path / "out"
+    folder_module.write_folder(small_result, folder)
+    before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+    def killed(result, card):
+        raise KeyboardInterrupt  # as a kill while the card is written
+
+    monkeypatch.setattr(folder_module, "card_files", killed)
+    with pytest.raises(KeyboardInterrupt):
+        folder_module.write_folder(small_result, folder)
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before
+    assert load_dataset(str(folder), split="test").num_rows == len(small_result.dataset["test"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_an_output_dir_that_would_replace_home_or_the_working_folder_is_refused(capsys):
+    for folder in ("~", ".", ".."):
+        code, err = run_cli(["--config", DEMO, "--output_dir", folder, "--overwrite_output_dir", "true"], capsys)
+        assert code == 2
+        assert_one_line(err, "a folder of its own")

@@ -119,6 +119,7 @@ PUBLISHING_FIELDS = (
     "hub_revision",
     "force_push",
     "dry_run",
+    "overwrite_output_dir",
 )
 
 
@@ -211,7 +212,7 @@ def render_card(result, *, repo_id: str | None = None, metadata: dict | None = N
             generator=public_model_name(config.generator_model),
             generator_note=packaged_note(config.generator_model),
             generator_revision=first_row["gen_response_configs"]["generator_revision"],
-            prompt_dataset=table_cell(prompt_dataset_line(result)) if config.prompt_dataset else None,
+            prompt_dataset=table_text(prompt_dataset_line(result)) if config.prompt_dataset else None,
             num_turns=config.num_turns,
             sft=config.output_format == "sft",
             reward_model=reward_name(result),
@@ -301,8 +302,14 @@ def html_escaped(text: str) -> str:
 
 
 def table_cell(text: str) -> str:
-    """Text that stays inside one Markdown table cell: pipes escaped, no line breaks, no backticks, no HTML."""
-    return html_escaped(text).replace("|", "\\|").replace("`", "'").replace("\n", "\\n")
+    """Text for a code span in one Markdown table cell: pipes escaped, no line breaks, no backticks (HTML is inert
+    in a code span, and an entity would show as written)."""
+    return text.replace("|", "\\|").replace("`", "'").replace("\n", "\\n")
+
+
+def table_text(text: str) -> str:
+    """Plain text in one Markdown table cell: as `table_cell`, and no HTML."""
+    return table_cell(html_escaped(text))
 
 
 def heading(text: str) -> str:

@@ -5,13 +5,18 @@ curation ran), `build_config.yaml` and `build_summary.json`.
 """
 
 import io
+import json
 import logging
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import yaml
 from datasets import DatasetDict
 
+from .. import __version__
 from .card import CONFIG_FILE, PLOT_FILE, plot_rewards, public_config, render_card
 from .curation import CURATION_PLOT_FILE, curated_columns, plot_curation
 
@@ -62,15 +67,65 @@ def write_files(folder: Path, files: dict[str, bytes]) -> None:
         (folder / name).write_bytes(content)
 
 
-def write_folder(result, folder: str | Path) -> Path:
-    """Writes the data shards, the card and its files into `folder` (replacing old shards)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in (folder / "data").glob("*.parquet"):
-        old.unlink()  # a smaller rebuild must not leave stale shards that load_dataset would pick up
-    write_parquet_shards(result.dataset, folder)
-    write_files(folder, card_files(result, render_card(result, repo_id=None)))
-    if result.config.save_to_disk:
-        result.dataset.save_to_disk(str(folder / "arrow"))
+MARKER = ".magpie-builder.json"  # hidden: load_dataset and the Hub upload skip it
+
+
+def check_output_dir(folder: str | Path, overwrite: bool = False) -> None:
+    """Before anything is built: the folder can be written, and holds nothing but an earlier build of ours (or
+    `overwrite_output_dir` says its contents may go). Raises `ValueError` naming the folder and the fix."""
+    folder = Path(folder).expanduser()
+    resolved = folder.resolve()
+    precious = {Path.home().resolve(), Path("/"), Path.cwd().resolve(), *Path.cwd().resolve().parents}
+    if resolved in precious:
+        raise ValueError(
+            f"`output_dir` {folder} is your home, the root or a folder above this one, which a build replaces whole. "
+            "Give a folder of its own, e.g. out/my-dataset."
+        )
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"`output_dir` {folder} is a file. Give a folder (it is created if missing).")
+    parent = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"`output_dir` {folder} cannot be written ({parent} is not writable). Give another folder.")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).exists() and not overwrite:
+        names = sorted(p.name for p in folder.iterdir())
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ValueError(
+            f"`output_dir` {folder} holds files magpie-builder did not write ({shown}). Choose an empty or new "
+            "folder, or set `overwrite_output_dir: true` to replace its contents."
+        )
+
+
+def write_folder(result, folder: str | Path, overwrite: bool | None = None) -> Path:
+    """Writes the data shards, the card and its files as `folder`, whole: they are written into a sibling folder
+    that then takes `folder`'s place, so a reader (and `load_dataset`) sees the earlier complete dataset or the new
+    complete one, never a mix; nothing an earlier build left (old shards, an `arrow/` copy, stray files) survives.
+    A folder this builder did not write is refused unless `overwrite` (`overwrite_output_dir`)."""
+    folder = Path(folder).expanduser()
+    overwrite = result.config.overwrite_output_dir if overwrite is None else overwrite
+    check_output_dir(folder, overwrite)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.writing-", dir=folder.parent))
+    try:
+        write_parquet_shards(result.dataset, staging)
+        files = card_files(result, render_card(result, repo_id=None))
+        write_files(staging, files)
+        if result.config.save_to_disk:
+            result.dataset.save_to_disk(str(staging / "arrow"))
+        (staging / MARKER).write_text(json.dumps({"magpie_builder": __version__}))
+        swap_into_place(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     logger.info("wrote %s", folder)
     return folder
+
+
+def swap_into_place(staging: Path, folder: Path) -> None:
+    """`staging` becomes `folder`; the earlier `folder` is removed once the new one is in place."""
+    retired = None
+    if folder.exists():
+        retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        folder.rename(retired)
+    staging.rename(folder)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
