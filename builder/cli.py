@@ -49,6 +49,10 @@ def run(argv: list[str]) -> int:
         from .publish.folder import check_output_dir
 
         check_output_dir(config.output_dir, config.overwrite_output_dir)  # before any model loads
+    if config.push_to_hub and not config.dry_run:
+        from .publish.hub import check_can_push
+
+        check_can_push(config.repo_id)
     if config.dry_run:
         from .dry_run import describe
 

@@ -261,3 +261,25 @@ def test_an_output_dir_that_would_replace_home_or_the_working_folder_is_refused(
         code, err = run_cli(["--config", DEMO, "--output_dir", folder, "--overwrite_output_dir", "true"], capsys)
         assert code == 2
         assert_one_line(err, "a folder of its own")
+
+
+@pytest.mark.parametrize(
+    "token, repo_id, fragments",
+    [
+        (None, "alice/x", ["No Hugging Face token found", "HF_TOKEN"]),
+        ("hf_not_a_real_token_000000", "alice/x", ["rejected the token (401)"]),
+        ("hf_test_alice_0123456789", "bob/x", ["belongs to 'bob'", "alice"]),
+        ("hf_test_alice_0123456789", "alice/bad name!", ["not a valid Hub repo id"]),
+    ],
+)
+def test_a_push_that_cannot_happen_is_refused_before_building(hub, monkeypatch, capsys, token, repo_id, fragments):
+    if token is None:
+        monkeypatch.delenv("HF_TOKEN")
+        monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+    else:
+        monkeypatch.setenv("HF_TOKEN", token)
+    built = []
+    monkeypatch.setattr("builder.build.build", lambda *a, **k: built.append(1))
+    code, err = run_cli(["--config", DEMO, "--push_to_hub", "true", "--repo_id", repo_id], capsys)
+    assert code == 2 and not built
+    assert_one_line(err, "Cannot push to the Hub", *fragments)

@@ -106,6 +106,20 @@ def check_rights(api, repo_id: str, token: str) -> None:
         )
 
 
+def check_can_push(repo_id: str) -> None:
+    """What a push needs, checked before anything is built: a valid repo id, a token, the Hub reachable and the
+    token's right to write to that namespace. Raises `ValueError` (a setting or a login to fix); the push checks
+    all of it again, and the schema, when it runs."""
+    from huggingface_hub import HfApi
+
+    try:
+        check_repo_id(repo_id)
+        token = hub_token()
+        check_rights(HfApi(token=token), repo_id, token)
+    except PushError as error:
+        raise ValueError(f"Cannot push to the Hub: {error}") from error
+
+
 def existing_card(api, repo_id: str, revision: str | None, token: str):
     """The README of the repo, or None when the repo (or its README) does not exist yet.
 
