@@ -161,6 +161,11 @@ def model_info(spec: ModelSpec, role: str) -> ModelInfo:
             f"`{role}_model` to a Hub id, a local model folder, or tiny:<name> (e.g. tiny:chat-llama-3.1)."
         ) from error
     except ValueError as error:  # a config.json that is not JSON, a model type transformers does not know
+        if "trust_remote_code" in str(error):
+            raise ValueError(
+                f"The {role} model {name} needs its own code to load. Review that code, then set "
+                f"`{role}_trust_remote_code: true` to run it."
+            ) from error
         raise ValueError(
             f"The {role} model {name!r} has a config.json that cannot be read ({' '.join(str(error).split())}). "
             f"Check that folder's config.json, or set `{role}_model` to another model."
@@ -181,8 +186,27 @@ def model_info(spec: ModelSpec, role: str) -> ModelInfo:
             f"The {role} model {spec.name_or_path} has no chat template, so its inputs cannot be rendered the way "
             f"it was trained. Use a {role} model that ships one."
         )
+    if role in ("reward", "judge", "guard"):
+        check_template_renders(tokenizer, spec.name_or_path, role)
     revision = getattr(config, "_commit_hash", None) or spec.revision
     return ModelInfo(tokenizer, eos_ids, revision or local_revision(resolve_model_path(name)))
+
+
+def check_template_renders(tokenizer, name: str, role: str) -> None:
+    """The chat template renders a (user, assistant) chat in the sandbox, before anything is generated: a template
+    that fails would otherwise stop the build at its first reward batch, hours in."""
+    import jinja2
+
+    from .templates import render_chat
+
+    chat = [{"role": "user", "content": "Write a haiku."}, {"role": "assistant", "content": "Snow falls."}]
+    try:
+        render_chat(tokenizer, chat[:1] if role == "guard" else chat, add_generation_prompt=False, day="2024-07-26")
+    except (jinja2.TemplateError, TypeError, KeyError, IndexError) as error:
+        raise ValueError(
+            f"The chat template of the {role} model {name} cannot render a chat ({type(error).__name__}: {error}). "
+            f"Use a {role} model whose template works, or fix its chat_template."
+        ) from error
 
 
 def check_reward_head(spec: ModelSpec, config) -> None:
@@ -247,7 +271,25 @@ def _load(spec: ModelSpec, rank: int | None, auto_class, role: str):
         # with MAGPIE_CPU_THREADS, or run num_proc workers.
         torch.set_num_threads(int(os.environ.get("MAGPIE_CPU_THREADS", "1")))
     tokenizer = load_tokenizer(spec)  # the one `model_info` already loaded in this process
-    model = auto_class.from_pretrained(
+    try:
+        model = load_weights(auto_class, path, spec, remote, device)
+    except Exception as error:  # safetensors' own error type included
+        if "out of memory" in str(error).lower():
+            raise
+        raise ValueError(
+            f"Cannot load the weights of the {role} model {spec.name_or_path} ({type(error).__name__}: "
+            f"{' '.join(str(error).split())[:300]}). A weight file may be incomplete or damaged: download it again."
+        ) from error
+    model.eval()
+    if device is not None and device.type == "cpu":
+        from .engines.transformers.cpu.gemm import route_linears
+
+        route_linears(model)  # MKL's fp32 GEMM runs at half speed on AMD processors; see cpu_gemm.py
+    return model, tokenizer
+
+
+def load_weights(auto_class, path: str, spec: ModelSpec, remote: bool, device):
+    return auto_class.from_pretrained(
         path,
         revision=spec.revision,
         trust_remote_code=remote,
@@ -256,12 +298,6 @@ def _load(spec: ModelSpec, rank: int | None, auto_class, role: str):
         # Straight onto the device: not a full copy in host RAM first, once per worker.
         device_map="auto" if device is None else {"": device},
     )
-    model.eval()
-    if device is not None and device.type == "cpu":
-        from .engines.transformers.cpu.gemm import route_linears
-
-        route_linears(model)  # MKL's fp32 GEMM runs at half speed on AMD processors; see cpu_gemm.py
-    return model, tokenizer
 
 
 @functools.lru_cache(maxsize=2)

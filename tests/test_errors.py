@@ -283,3 +283,28 @@ def test_a_push_that_cannot_happen_is_refused_before_building(hub, monkeypatch, 
     code, err = run_cli(["--config", DEMO, "--push_to_hub", "true", "--repo_id", repo_id], capsys)
     assert code == 2 and not built
     assert_one_line(err, "Cannot push to the Hub", *fragments)
+
+
+def test_a_truncated_weight_file_is_named_with_the_fix(tmp_path, tiny_model):
+    folder = tmp_path / "generator"
+    shutil.copytree(tiny_model("chat-llama-3.1"), folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="Cannot load the weights of the generator model .*download it again"):
+        build(small_config(generator_model=str(folder), num_instructions=4))
+
+
+def test_a_reward_template_that_fails_is_found_before_generating(tmp_path, tiny_model, monkeypatch):
+    import json
+
+    folder = tmp_path / "reward"
+    shutil.copytree(tiny_model("reward"), folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ raise_exception('this template refuses every chat') }}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    generated = []
+    monkeypatch.setattr("builder.sources.magpie.sample_completions", lambda *a, **k: generated.append(1))
+    with pytest.raises(ValueError, match="chat template of the reward model .* cannot render a chat"):
+        build(small_config(reward_model=str(folder), reward_trust_remote_code=False))
+    assert not generated
