@@ -308,3 +308,26 @@ def test_a_reward_template_that_fails_is_found_before_generating(tmp_path, tiny_
     with pytest.raises(ValueError, match="chat template of the reward model .* cannot render a chat"):
         build(small_config(reward_model=str(folder), reward_trust_remote_code=False))
     assert not generated
+
+
+def test_a_full_disk_leaves_no_partial_files_and_says_which_folder(small_result, tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from builder.pipeline.resume import BatchCache
+    from builder.publish import folder as folder_module
+
+    real_write = Path.write_bytes
+
+    def full(self, data):
+        real_write(self, data[: len(data) // 2])  # part of it lands, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    cache = BatchCache(str(tmp_path / "cache"), "stage-key")
+    with pytest.raises(OSError, match="No space left for .*stage-key .*cache_dir or MAGPIE_BUILDER_CACHE"):
+        cache.save({"uuid": ["a"]}, 1, {"x": [1]})
+    assert not list((tmp_path / "cache").rglob("*.tmp*"))
+    with pytest.raises(OSError, match=f"No space left in {tmp_path} to write the dataset"):
+        folder_module.write_folder(small_result, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

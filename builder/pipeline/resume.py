@@ -75,8 +75,25 @@ class BatchCache:
         body = json.dumps(outputs).encode()
         header = json.dumps({"rows": rows, "blake2b": hashlib.blake2b(body, digest_size=16).hexdigest()}).encode()
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(header + b"\n" + body)
+        try:
+            tmp.write_bytes(header + b"\n" + body)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+            raise no_space_explained(error, self.folder) from error
         os.replace(tmp, path)  # atomic: a killed run leaves a whole file or none
+
+
+def no_space_explained(error: OSError, folder) -> OSError:
+    """A full disk's error, saying which folder is full and what uses it; any other error as it is."""
+    import errno
+
+    if error.errno != errno.ENOSPC:
+        return error
+    return OSError(
+        errno.ENOSPC,
+        f"No space left for {folder} (the resume cache; cache_dir or MAGPIE_BUILDER_CACHE choose where it goes). "
+        "Free space there, or point it at a larger disk, and run the same command again: finished batches are kept",
+    )
 
 
 @dataclass(frozen=True)

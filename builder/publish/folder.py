@@ -4,6 +4,7 @@ Both hold the same files: `data/{split}-*.parquet`, README.md (the card), the re
 curation ran), `build_config.yaml` and `build_summary.json`.
 """
 
+import errno
 import io
 import json
 import logging
@@ -113,6 +114,15 @@ def write_folder(result, folder: str | Path, overwrite: bool | None = None) -> P
             result.dataset.save_to_disk(str(staging / "arrow"))
         (staging / MARKER).write_text(json.dumps({"magpie_builder": __version__}))
         swap_into_place(staging, folder)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if error.errno == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left in {folder.parent} to write the dataset; {folder} is as it was. Free space "
+                "there or choose another output_dir, then run the same command (the finished batches are reused)",
+            ) from error
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
