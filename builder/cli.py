@@ -40,19 +40,24 @@ def run(argv: list[str]) -> int:
     from .config import parse_config
 
     config = parse_config(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .build import build
     from .publish.folder import write_folder
     from .publish.hub import push_to_hub
 
+    # What can be checked before any model loads is, quietly: a failure is then one line.
     if config.output_dir:
         from .publish.folder import check_output_dir
 
         check_output_dir(config.output_dir, config.overwrite_output_dir)  # before any model loads
     if config.push_to_hub and not config.dry_run:
+        from .build import check_models, resolve_engine, stages_for
+        from .pipeline.runner import final_columns
         from .publish.hub import check_can_push
 
-        check_can_push(config.repo_id)
+        resolved = resolve_engine(config)
+        columns = final_columns(stages_for(resolved, check_models(resolved)))
+        check_can_push(config.repo_id, columns, config.hub_revision, config.force_push)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.dry_run:
         from .dry_run import describe
 

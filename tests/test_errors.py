@@ -331,3 +331,28 @@ def test_a_full_disk_leaves_no_partial_files_and_says_which_folder(small_result,
     with pytest.raises(OSError, match=f"No space left in {tmp_path} to write the dataset"):
         folder_module.write_folder(small_result, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_repo_with_other_columns_is_refused_before_building(hub, small_result, monkeypatch, capsys):
+    import dataclasses
+
+    from builder.pipeline.runner import final_columns
+    from builder.publish.hub import push_to_hub
+
+    # The declarations say which columns a build publishes, before it runs.
+    assert final_columns(build.__globals__["stages_for"](small_result.config, small_result.models)) == list(
+        small_result.dataset["train"].column_names
+    )
+    implicit = dataclasses.replace(small_result, config=dataclasses.replace(small_result.config, implicit_prompt=True))
+    implicit_rows = implicit.dataset.map(lambda row: row, remove_columns=["prompt"])
+    push_to_hub(dataclasses.replace(implicit, dataset=implicit_rows), "alice/taken")
+    capsys.readouterr()
+    built = []
+    monkeypatch.setattr("builder.build.build", lambda *a, **k: built.append(1))
+    code, err = run_cli(["--config", DEMO, "--push_to_hub", "true", "--repo_id", "alice/taken"], capsys)
+    assert code == 2 and not built
+    assert_one_line(err, "already holds a dataset with other columns", "force_push: true")
+    code, err = run_cli(
+        ["--config", DEMO, "--push_to_hub", "true", "--repo_id", "alice/taken", "--force_push", "true"], capsys
+    )
+    assert built  # force_push lets it through to the build

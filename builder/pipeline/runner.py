@@ -55,6 +55,15 @@ def published_columns(stages: list[Stage]) -> list[Column]:
     return sorted(columns.values(), key=lambda column: SECTIONS.index(column.section))
 
 
+def final_columns(stages: list[Stage]) -> list[str]:
+    """The columns the published dataset will have, read off the declarations before anything runs."""
+    present: set[str] = set()
+    for stage in stages:
+        present.update(stage.written)
+        present.difference_update(stage.removes)
+    return [column.name for column in published_columns(stages) if column.name in present]
+
+
 def check_declarations(stages: list[Stage]) -> None:
     """Before anything runs: names are unique, only the first stage is a source, and every column read is written
     by a stage before it."""

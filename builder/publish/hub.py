@@ -106,18 +106,36 @@ def check_rights(api, repo_id: str, token: str) -> None:
         )
 
 
-def check_can_push(repo_id: str) -> None:
-    """What a push needs, checked before anything is built: a valid repo id, a token, the Hub reachable and the
-    token's right to write to that namespace. Raises `ValueError` (a setting or a login to fix); the push checks
-    all of it again, and the schema, when it runs."""
+def check_can_push(
+    repo_id: str, columns: list[str] | None = None, revision: str | None = None, force: bool = False
+) -> None:
+    """What a push needs, checked before anything is built: a valid repo id, a token, the Hub reachable, the token's
+    right to write to that namespace, and (unless `force`) a repo that holds no dataset with other columns than
+    `columns`, the ones this build will publish. Raises `ValueError` (a setting or a login to fix); the push checks
+    all of it again, and the full schema, when it runs."""
     from huggingface_hub import HfApi
 
     try:
         check_repo_id(repo_id)
         token = hub_token()
-        check_rights(HfApi(token=token), repo_id, token)
+        api = HfApi(token=token)
+        check_rights(api, repo_id, token)
+        if columns is not None and not force:
+            check_columns(existing_card(api, repo_id, revision, token), columns, repo_id)
     except PushError as error:
         raise ValueError(f"Cannot push to the Hub: {error}") from error
+
+
+def check_columns(card, columns: list[str], repo_id: str) -> None:
+    existing = (card.data.to_dict().get("dataset_info") or {}) if card else {}
+    if isinstance(existing, list):
+        existing = next((info for info in existing if info.get("config_name", "default") == "default"), {})
+    names = sorted(feature["name"] for feature in existing.get("features") or [])
+    if names and names != sorted(columns):
+        raise PushError(
+            f"{repo_id} already holds a dataset with other columns ({names}; this build writes {sorted(columns)}). "
+            "Push to a new repo, or set `force_push: true` to replace it."
+        )
 
 
 def existing_card(api, repo_id: str, revision: str | None, token: str):
