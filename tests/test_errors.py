@@ -285,6 +285,17 @@ def test_a_push_that_cannot_happen_is_refused_before_building(hub, monkeypatch, 
     assert_one_line(err, "Cannot push to the Hub", *fragments)
 
 
+def test_an_unreachable_hub_is_found_before_building(hub, monkeypatch, capsys):
+    monkeypatch.setattr("builder.publish.hub.time.sleep", lambda seconds: None)
+    built = []
+    monkeypatch.setattr("builder.build.build", lambda *a, **k: built.append(1))
+    hub.fail_always()
+    code, err = run_cli(["--config", DEMO, "--push_to_hub", "true", "--repo_id", "alice/x"], capsys)
+    assert code == 2 and not built
+    assert_one_line(err, "Cannot push to the Hub", "failed 3 times", "HTTP 500", "HF_ENDPOINT")
+    assert not hub.state.repos
+
+
 def test_a_truncated_weight_file_is_named_with_the_fix(tmp_path, tiny_model):
     folder = tmp_path / "generator"
     shutil.copytree(tiny_model("chat-llama-3.1"), folder)
