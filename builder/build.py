@@ -19,7 +19,15 @@ from .pipeline.ranks import Ranks
 from .pipeline.stage import Column, Stage
 from .sources import magpie, multi_turn, prompts
 from .stages import filters, language, near_dedup, pairs, responses, rewards, safety, select, tags
-from .templates import LaterTurn, PreQuery, derive_next_user_header, derive_pre_query, derive_stop_ids, render_chat
+from .templates import (
+    LaterTurn,
+    PreQuery,
+    assistant_turn_end,
+    derive_next_user_header,
+    derive_pre_query,
+    derive_stop_ids,
+    render_chat,
+)
 
 
 logger = logging.getLogger("magpie_builder")
@@ -41,6 +49,7 @@ class BuildModels:
     embedder: ModelSpec | None = None
     embedder_revision: str | None = None
     judge_stop_ids: tuple[int, ...] = ()  # the end of the judge's turn, where its generated tags stop
+    judge_stop_strings: tuple[str, ...] = ()  # the same where text ends the judge's turn
     prompts_revision: str | None = None  # the prompt dataset's commit, or a hash of its local files
     later_turn: LaterTurn | None = None  # what opens a later user turn (multi-turn), token-exact
     follow_up_system_prompt: str | None = None  # None where the template takes no system message
@@ -166,6 +175,8 @@ def pre_query_of(config: BuildConfig, generator: ModelSpec, info: ModelInfo | No
         pre_query_template=config.pre_query_template,
         keep_default_system=config.keep_default_system,
         system_prompt=config.system_prompt,
+        instruction_stop=config.instruction_stop,
+        needs_instruction_stop=not config.prompt_dataset or config.num_turns > 1,
     )
 
 
@@ -200,19 +211,20 @@ def check_models(config: BuildConfig, ranks: Ranks = Ranks()) -> BuildModels:
     reward_revision = model_info(reward, "reward").revision if reward else None
     pre_query = pre_query_of(config, generator, generator_info)
     logger.info("pre-query template (%s): %r", pre_query.source, pre_query.text)
+    logger.info("an instruction ends at %s", pre_query.instruction_stop)
     curation = curation_specs(config, generator)
     infos = {
         role: (generator_info if spec is generator else model_info(spec, ROLES[role])) if spec else None
         for role, spec in curation.items()
     }
     revisions = {role: info.revision if info else None for role, info in infos.items()}
-    judge_stop_ids = ()
+    judge_stop_ids, judge_stop_strings = (), ()
     if config.tag_explanations:
-        judge = infos["judge"]
-        _, response_stop = derive_stop_ids(
-            judge.tokenizer, list(judge.eos_ids), curation["judge"].name_or_path, config.chat_template_date
-        )
+        judge, name = infos["judge"], curation["judge"].name_or_path
+        _, response_stop = derive_stop_ids(judge.tokenizer, list(judge.eos_ids), name, config.chat_template_date)
         judge_stop_ids = tuple(response_stop)
+        end = assistant_turn_end(judge.tokenizer, name, config.chat_template_date)
+        judge_stop_strings = (end.text,) if end and end.text else ()
     return BuildModels(
         generator,
         reward,
@@ -226,6 +238,7 @@ def check_models(config: BuildConfig, ranks: Ranks = Ranks()) -> BuildModels:
         embedder=curation["embedder"],
         embedder_revision=revisions["embedder"],
         judge_stop_ids=judge_stop_ids,
+        judge_stop_strings=judge_stop_strings,
         **later_turns_of(config, generator_info.tokenizer, generator.name_or_path),
         prompts_revision=(
             prompts.dataset_revision(config.prompt_dataset, config.prompt_dataset_revision)

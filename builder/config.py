@@ -59,6 +59,11 @@ class BuildConfig:
     system_prompt: str | None = _help(
         "A custom system prompt for instruction generation (task-specific Magpie).", default=None
     )
+    instruction_stop: str | None = _help(
+        "What ends the user's turn, overriding what the chat template shows: a control token (<|eot_id|>) "
+        "or text ('### Response:'), cut from the instruction.",
+        default=None,
+    )
     chat_template_date: str = _help(
         "The date (YYYY-MM-DD) templates see as today, so builds are reproducible.", default="2024-07-26"
     )

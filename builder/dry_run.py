@@ -64,8 +64,14 @@ def describe(config: BuildConfig) -> str:
             f"  ids {pre.token_ids}",
         ]
     lines += [
+        f"An instruction ends at {pre.instruction_stop}",
         f"Instruction stop ids: {pre.instruction_stop_ids}; response stop ids: {pre.response_stop_ids}",
     ]
+    if pre.instruction_stop_strings or pre.response_stop_strings:
+        lines.append(
+            f"Instruction stop strings: {pre.instruction_stop_strings}; response stop strings: "
+            f"{pre.response_stop_strings}"
+        )
     prompts = "the prompt dataset's prompts" if config.prompt_dataset else f"{config.num_instructions} instructions"
     most = config.num_responses * config.max_response_tokens
     lines += [

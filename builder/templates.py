@@ -30,6 +30,17 @@ PRE_QUERY_ALIASES = {
     "mistral": "<s>[INST] ",
     "chatml": "<|im_start|>user\n",
 }
+# What ends the user's turn after each alias, for a model without a chat template.
+ALIAS_STOPS = {
+    "llama3": "<|eot_id|>",
+    "llama3.1": "<|eot_id|>",
+    "qwen2": "<|im_end|>",
+    "qwen2.5": "<|im_end|>",
+    "gemma2": "<end_of_turn>",
+    "phi3": "<|end|>",
+    "mistral": "[/INST]",
+    "chatml": "<|im_end|>",
+}
 
 
 class TemplateError(ValueError):
@@ -43,10 +54,15 @@ class PreQuery:
     Args:
         text (`str`): the pre-query template as text (shown in the dataset card).
         token_ids (`list[int]`): the ids the generator is fed, exactly one BOS in front when the model has one.
-        instruction_stop_ids (`list[int]`): the end of the user's turn plus the model's EOS ids.
+        instruction_stop_ids (`list[int]`): the end of the user's turn (where a control token ends it) plus the
+            model's EOS ids.
         response_stop_ids (`list[int]`): the end of the assistant's turn plus the model's EOS ids.
         source (`str`): "chat_template", "alias:<name>" or "override".
         stripped_system (`str`, *optional*): the default system block that was removed, if any.
+        instruction_stop_strings (`list[str]`): the text that ends the user's turn where no control token does
+            (Llama-2's "[/INST]", OLMo-2's plain-text "<|assistant|>"); the instruction is cut before it.
+        response_stop_strings (`list[str]`): the same for the assistant's turn.
+        instruction_stop (`str`): which stop ends an instruction, in words (the log and the card say it).
     """
 
     text: str
@@ -56,6 +72,9 @@ class PreQuery:
     source: str
     stripped_system: str | None = None
     notes: list[str] = field(default_factory=list)
+    instruction_stop_strings: list[str] = field(default_factory=list)
+    response_stop_strings: list[str] = field(default_factory=list)
+    instruction_stop: str = ""
 
 
 def pinned_datetime(day: date | str) -> datetime:
@@ -107,19 +126,29 @@ def encode_chat_text(tokenizer, text: str, bos: list[int] | None = None) -> list
     return ids
 
 
-def _first_control_token(tokenizer, text: str) -> int | None:
-    control_ids = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    for token_id in tokenizer(text, add_special_tokens=False)["input_ids"]:
-        if token_id in control_ids:
-            return token_id
-    return None
+def control_tokens(tokenizer) -> dict[str, int]:
+    """The tokenizer's special and added tokens (BOS, end-of-turn, role markers), text -> id: where a template
+    prints one of these, the model reads one token, not the letters."""
+    ids = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return {tokenizer.convert_ids_to_tokens(i): i for i in sorted(ids) if i is not None}
 
 
-def _render_or_explain(tokenizer, messages, model_name: str, day, what: str, **kwargs) -> str:
+def _first_control(text: str, controls: dict[str, int]) -> tuple[int, str] | None:
+    """(position, token) of the first control token printed in `text`, the longest where several start there."""
+    found = [(text.find(token), -len(token), token) for token in controls if token and token in text]
+    if not found:
+        return None
+    position, _, token = min(found)
+    return position, token
+
+
+def _render_or_explain(
+    tokenizer, messages, model_name: str, day, what: str, add_generation_prompt: bool = False
+) -> str:
     import jinja2
 
     try:
-        return render_chat(tokenizer, messages, day=day, add_generation_prompt=False, **kwargs)
+        return render_chat(tokenizer, messages, day=day, add_generation_prompt=add_generation_prompt)
     except (jinja2.TemplateError, TypeError, KeyError, IndexError) as error:
         raise TemplateError(
             f"The chat template of {model_name} cannot render {what} ({error}). Set `pre_query_template` to a raw "
@@ -150,35 +179,148 @@ def token_exact_ids(tokenizer, pre_text: str, render_with_message, bos: list[int
     return ids
 
 
-def derive_stop_ids(tokenizer, generation_eos_ids: list[int], model_name: str, day) -> tuple[list[int], list[int]]:
-    """(instruction_stop_ids, response_stop_ids): the template's end-of-turn token(s) plus the model's EOS ids."""
-    user_turn = _render_or_explain(tokenizer, [{"role": "user", "content": SENTINEL}], model_name, day, "a user turn")
+@dataclass(frozen=True)
+class TurnEnd:
+    """What ends a turn: a control token (its id) or, where the template closes the turn with plain text, that text
+    (a stop string); `what` says which, for the log and the card."""
+
+    token_id: int | None
+    text: str | None
+
+    @property
+    def what(self) -> str:
+        return f"the text {self.text!r}" if self.text is not None else "the control token" if self.token_id else ""
+
+
+def turn_end(after: str, controls: dict[str, int]) -> TurnEnd | None:
+    """The end of a turn, read off what a real chat prints right after the turn's text: the first control token,
+    unless text comes before it (then the first line of that text), or None where nothing but spaces follows."""
+    first = _first_control(after, controls)
+    before = after[: first[0]] if first else after
+    line = next((line.strip() for line in before.splitlines() if line.strip()), "")
+    if line:
+        return TurnEnd(None, line)
+    if first:
+        return TurnEnd(controls[first[1]], None)
+    return None
+
+
+def _after(text: str, marker: str, until: str | None = None) -> str:
+    rest = text.split(marker, 1)[1]
+    return rest.split(until, 1)[0] if until and until in rest else rest
+
+
+def user_turn_end(tokenizer, model_name: str, day) -> TurnEnd | None:
+    """Where the user's turn ends, read off a real chat that goes on to the assistant's turn (the generation prompt):
+    the end-of-turn token, or the next role's opener where nothing else closes the user's turn (GLM-4's
+    `<|assistant|>`), or the text that does (Llama-2's " [/INST]")."""
+    chat = [{"role": "user", "content": SENTINEL}]
+    text = _render_or_explain(tokenizer, chat, model_name, day, "a user turn", add_generation_prompt=True)
+    return turn_end(_after(text, SENTINEL), control_tokens(tokenizer))
+
+
+def assistant_turn_end(tokenizer, model_name: str, day) -> TurnEnd | None:
+    """Where the assistant's turn ends: what a finished chat prints after the assistant's text (gpt-oss ends a
+    final answer with `<|return|>`, not the `<|end|>` of a turn that another follows), or, where a finished chat
+    prints nothing there (GLM-4), what a chat that goes on to another user turn prints."""
     chat = [{"role": "user", "content": SENTINEL}, {"role": "assistant", "content": ASSISTANT}]
-    assistant_turn = _render_or_explain(tokenizer, chat, model_name, day, "an assistant turn")
-    user_end = _first_control_token(tokenizer, user_turn.split(SENTINEL, 1)[1])
-    assistant_end = _first_control_token(tokenizer, assistant_turn.split(ASSISTANT, 1)[1])
+    controls = control_tokens(tokenizer)
+    finished = _render_or_explain(tokenizer, chat, model_name, day, "an assistant turn")
+    end = turn_end(_after(finished, ASSISTANT), controls)
+    if end is not None:
+        return end
+    try:
+        text = render_chat(
+            tokenizer, [*chat, {"role": "user", "content": SECOND_USER}], add_generation_prompt=False, day=day
+        )
+    except Exception:  # a template that takes one exchange only: the finished chat is all there is
+        return None
+    return turn_end(_after(text, ASSISTANT, SECOND_USER), controls)
+
+
+def _unique(ids) -> list[int]:
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def derive_stop_ids(tokenizer, generation_eos_ids: list[int], model_name: str, day) -> tuple[list[int], list[int]]:
+    """(instruction_stop_ids, response_stop_ids): the turns' end-of-turn tokens plus the model's EOS ids (the stop
+    strings of text-closed turns are in `derive_pre_query`'s result)."""
+    user, assistant = user_turn_end(tokenizer, model_name, day), assistant_turn_end(tokenizer, model_name, day)
     eos = list(generation_eos_ids)
-
-    def unique(ids):
-        return list(dict.fromkeys(i for i in ids if i is not None))
-
-    return unique([user_end, *eos]), unique([assistant_end, *eos])
+    return _unique([user and user.token_id, *eos]), _unique([assistant and assistant.token_id, *eos])
 
 
-def _user_header(tokenizer, model_name: str, day, response_end_id: int | None) -> str:
-    """The text that opens a user turn with no system block before it, read off a two-turn chat."""
+def instruction_stop_of(tokenizer, stop: str) -> TurnEnd:
+    """The user's `instruction_stop`: a control token's text stops on its id, any other text as a stop string."""
+    controls = control_tokens(tokenizer)
+    return TurnEnd(controls[stop], None) if stop in controls else TurnEnd(None, stop)
+
+
+def turn_end_tokens(tokenizer, model_name: str, day) -> list[str]:
+    """The control tokens that end a turn: the user's (read off the generation prompt) and the assistant's (as a
+    finished chat ends it)."""
+    controls = control_tokens(tokenizer)
+    chat = [{"role": "user", "content": SENTINEL}, {"role": "assistant", "content": ASSISTANT}]
+    finished = _render_or_explain(tokenizer, chat, model_name, day, "an assistant turn")
+    ends = [user_turn_end(tokenizer, model_name, day), turn_end(_after(finished, ASSISTANT), controls)]
+    return [tokenizer.convert_ids_to_tokens(e.token_id) for e in ends if e and e.token_id is not None]
+
+
+def _user_header(tokenizer, model_name: str, day, ends: list[str]) -> str:
+    """The text that opens a later user turn, read off a two-turn chat: what follows the assistant's text, less the
+    tokens in `ends` that close the turn before it (gpt-oss and Command-R7B close a turn with two), and only as much
+    of it as the first user turn also ends with (a separator printed between turns only is not part of the header).
+    An end token followed by text is kept: it opens the turn too (Nemotron's `<extra_id_1>User`)."""
     chat = [
         {"role": "user", "content": SENTINEL},
         {"role": "assistant", "content": ASSISTANT},
         {"role": "user", "content": SECOND_USER},
     ]
     text = _render_or_explain(tokenizer, chat, model_name, day, "a two-turn chat")
-    between = text[text.index(ASSISTANT) + len(ASSISTANT) : text.index(SECOND_USER)]
-    if response_end_id is not None:
-        end_text = tokenizer.convert_ids_to_tokens(response_end_id)
-        if between.startswith(end_text):
-            between = between[len(end_text) :]
-    return between.lstrip("\n")
+    header = _after(text, ASSISTANT, SECOND_USER).lstrip()
+    controls = control_tokens(tokenizer)
+    while True:
+        end = next((e for e in ends if header.startswith(e)), None)
+        following = _first_control(header[len(end) :].lstrip(), controls) if end else None
+        if not (following and following[0] == 0):
+            break
+        header = header[len(end) :].lstrip()
+    first = _render_or_explain(tokenizer, chat[:1], model_name, day, "a lone user message")
+    first = first[: first.index(SENTINEL)]
+    # Cut points inside a control token of the first turn's text ("<s>" cut to "s>") are no header's start.
+    inside = {at + i for token in controls if token for at in _occurrences(first, token) for i in range(1, len(token))}
+    while header and (not first.endswith(header) or len(first) - len(header) in inside):
+        header = header[1:]
+    return header.lstrip()
+
+
+def _occurrences(text: str, token: str) -> list[int]:
+    found, at = [], text.find(token)
+    while at >= 0:
+        found.append(at)
+        at = text.find(token, at + 1)
+    return found
+
+
+def template_start(tokenizer, text: str, header: str, ends: list[str]) -> str:
+    """What a template prints before its first turn whatever the turn is (BOS, GLM's "[gMASK]<sop>"): the leading
+    control tokens of `text` up to the first one that opens a turn: the header's own first token, or a token that
+    is followed by plain text (a role name: "<|im_start|>system") or by the end of a turn (an empty system turn:
+    EXAONE's "[|system|][|endofturn|]")."""
+    controls = control_tokens(tokenizer)
+    header_first = _first_control(header, controls)
+    opener = header_first[1] if header_first and header_first[0] == 0 else None
+    position = 0
+    while True:
+        first = _first_control(text[position:], controls)
+        if not first or first[0] != 0 or first[1] == opener:
+            return text[:position]
+        end = position + len(first[1])
+        if first[1] != tokenizer.bos_token:
+            following = _first_control(text[end:], controls)
+            if text[end:] and not (following and following[0] == 0 and following[1] not in ends):
+                return text[:position]
+        position = end
 
 
 def derive_pre_query(
@@ -190,8 +332,10 @@ def derive_pre_query(
     pre_query_template: str | None = None,
     keep_default_system: bool = True,
     system_prompt: str | None = None,
+    instruction_stop: str | None = None,
+    needs_instruction_stop: bool = True,
 ) -> PreQuery:
-    """Derives the pre-query template and stop ids of a model from its tokenizer.
+    """Derives the pre-query template and the stops of a model from its tokenizer.
 
     Args:
         tokenizer: the generator's tokenizer, with its chat template.
@@ -199,29 +343,58 @@ def derive_pre_query(
         model_name (`str`): named in errors.
         day (`date` or `str`): the date for templates that print today's date.
         pre_query_template (`str`, *optional*): an alias from `PRE_QUERY_ALIASES` or a raw string; overrides the
-            derivation (the stop ids still come from the chat template when it has one).
+            derivation (the stops still come from the chat template when it has one).
         keep_default_system (`bool`, defaults to `True`): keep a system block the template inserts by itself (what
             the model sees in deployment); `False` strips it, as Magpie's own Llama-3.1 runs did.
         system_prompt (`str`, *optional*): a custom system prompt (Magpie's task-specific mode).
+        instruction_stop (`str`, *optional*): what ends the user's turn, overriding the template: a control token
+            (stops on its id) or any text (a stop string).
+        needs_instruction_stop (`bool`, defaults to `True`): whether instructions are sampled at all; a build that
+            answers a prompt dataset's prompts in one turn needs no end of the user's turn.
     """
+    if isinstance(tokenizer.chat_template, dict) and "default" not in tokenizer.chat_template:
+        raise TemplateError(
+            f"{model_name} has several chat templates ({', '.join(sorted(tokenizer.chat_template))}) and none is "
+            "named 'default', so it is not clear which one the model chats with. Set `pre_query_template` to a raw "
+            f"string or one of the aliases {sorted(PRE_QUERY_ALIASES)}, and `instruction_stop` to what ends the "
+            "user's turn."
+        )
     has_template = tokenizer.chat_template is not None
     if not has_template and pre_query_template is None:
         raise TemplateError(
             f"{model_name} has no chat template, so no pre-query template can be derived. Set "
-            f"`pre_query_template` to a raw string or one of the aliases {sorted(PRE_QUERY_ALIASES)}."
+            f"`pre_query_template` to a raw string or one of the aliases {sorted(PRE_QUERY_ALIASES)}, and "
+            "`instruction_stop` to what ends the user's turn."
         )
     bos = bos_prefix(tokenizer)
-    if has_template:
-        instruction_stop_ids, response_stop_ids = derive_stop_ids(tokenizer, generation_eos_ids, model_name, day)
-    else:
-        instruction_stop_ids = response_stop_ids = list(dict.fromkeys(generation_eos_ids))
-    if not instruction_stop_ids:
+    eos = list(generation_eos_ids)
+    user_end = user_turn_end(tokenizer, model_name, day) if has_template else None
+    assistant_end = assistant_turn_end(tokenizer, model_name, day) if has_template else None
+    if not has_template and pre_query_template in ALIAS_STOPS:
+        user_end = instruction_stop_of(tokenizer, ALIAS_STOPS[pre_query_template])
+    if instruction_stop:
+        user_end = instruction_stop_of(tokenizer, instruction_stop)
+    if user_end is None and needs_instruction_stop:
+        found = "nothing follows the user's text in its chat template" if has_template else "it has no chat template"
+        raise TemplateError(
+            f"Cannot tell where the user's turn ends for {model_name}: {found}, so an instruction would run on to "
+            "EOS and take the model's answer with it. Set `instruction_stop` to the text or token that ends a user "
+            "turn for this model, or a raw `pre_query_template` together with it."
+        )
+    stops = {
+        "instruction_stop_ids": _unique([user_end and user_end.token_id, *eos]),
+        "response_stop_ids": _unique([assistant_end and assistant_end.token_id, *eos]),
+        "instruction_stop_strings": [user_end.text] if user_end and user_end.text else [],
+        "response_stop_strings": [assistant_end.text] if assistant_end and assistant_end.text else [],
+        "instruction_stop": _describe_stop(tokenizer, user_end, eos),
+    }
+    if not stops["instruction_stop_ids"] and not stops["instruction_stop_strings"]:
         raise TemplateError(f"{model_name} has no end-of-turn or EOS token to stop generation at.")
 
     if pre_query_template is not None:
         text = PRE_QUERY_ALIASES.get(pre_query_template, pre_query_template)
         source = f"alias:{pre_query_template}" if pre_query_template in PRE_QUERY_ALIASES else "override"
-        return PreQuery(text, encode_chat_text(tokenizer, text, bos), instruction_stop_ids, response_stop_ids, source)
+        return PreQuery(text, encode_chat_text(tokenizer, text, bos), source=source, **stops)
 
     prefix_messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
 
@@ -248,24 +421,67 @@ def derive_pre_query(
 
     stripped = None
     if not keep_default_system and not system_prompt:
-        header = _user_header(tokenizer, model_name, day, response_stop_ids[0])
-        bos_text = tokenizer.bos_token if tokenizer.bos_token and text.startswith(tokenizer.bos_token) else ""
-        if not header or not text.endswith(header):
-            raise TemplateError(
-                f"Cannot find where the user turn starts in the chat template of {model_name}; "
-                "set `keep_default_system: true` or a raw `pre_query_template`."
-            )
-        bare = bos_text + header
-        if bare != text:
-            stripped = text[len(bos_text) : len(text) - len(header)]
-            text = bare
+        block, start, header = default_system_block(tokenizer, text, model_name, day)
+        if block:
+            stripped, text = block, start + header
             render_with = lambda message: text + message  # noqa: E731 - the real chat has no system block now
 
     ids = token_exact_ids(tokenizer, text, render_with, bos)
     notes = []
     if ids != encode_chat_text(tokenizer, text, bos):
         notes.append("the last token of the text merges with the user's first word; the model writes it")
-    return PreQuery(text, ids, instruction_stop_ids, response_stop_ids, "chat_template", stripped, notes)
+    return PreQuery(text, ids, source="chat_template", stripped_system=stripped, notes=notes, **stops)
+
+
+def _describe_stop(tokenizer, end: TurnEnd | None, eos: list[int]) -> str:
+    if end is None:
+        return "none (instructions are not sampled)"
+    if end.text is not None:
+        return f"the text {end.text!r} (a stop string; the instruction is cut before it)"
+    token = tokenizer.convert_ids_to_tokens(end.token_id)
+    return f"the token {token!r}" + (" (EOS)" if end.token_id in eos else "")
+
+
+def default_system_block(tokenizer, text: str, model_name: str, day) -> tuple[str, str, str]:
+    """(block, start, header): the system block a template inserts by itself into the pre-query `text` ("" when it
+    inserts none), what precedes it (BOS, GLM's "[gMASK]<sop>"), and the user header that follows it.
+
+    A block is only what a system message of one's own replaces or joins: with one, the same template must print
+    that message between the same start and header, or the block is something else and is refused.
+    """
+    ends = turn_end_tokens(tokenizer, model_name, day)
+    header = _user_header(tokenizer, model_name, day, ends)
+    if not header or not text.endswith(header):
+        raise TemplateError(
+            f"Cannot find where the user turn starts in the chat template of {model_name}; "
+            "set `keep_default_system: true` or a raw `pre_query_template`."
+        )
+    start = template_start(tokenizer, text[: len(text) - len(header)], header, ends)
+    block = text[len(start) : len(text) - len(header)]
+    if not block:
+        return "", start, header
+    probe = "MAGPIESYSTEM3e8c"
+    try:
+        with_system = render_chat(
+            tokenizer,
+            [{"role": "system", "content": probe}, {"role": "user", "content": SENTINEL}],
+            add_generation_prompt=False,
+            day=day,
+        )
+    except Exception:
+        with_system = ""
+    own = with_system.split(SENTINEL, 1)[0]
+    # Where a system message goes elsewhere, the block is something else; where the template refuses or drops
+    # system messages, the block is its fixed preamble (StarCoder2-Instruct, ChatQA) and is stripped.
+    if probe in with_system and not (
+        own.startswith(start) and own.endswith(header) and probe in own[len(start) : len(own) - len(header)]
+    ):
+        raise TemplateError(
+            f"The chat template of {model_name} prints {block!r} before the user's turn, but not where a system "
+            "message goes, so it is not a default system block that can be stripped. Set "
+            "`keep_default_system: true`, or write the pre-query text yourself in `pre_query_template`."
+        )
+    return block, start, header
 
 
 @dataclass(frozen=True)

@@ -47,3 +47,24 @@ def test_the_demo_writes_english_questions_and_answers(tmp_path):
         yaml.safe_load((tmp_path / "build_config.yaml").read_text())["generator_model"]
         == "packaged:smollm2-135m-instruct"
     )
+
+
+def test_the_real_smollm2_tokenizer_gives_the_families_pre_query_and_stops():
+    """The one real tokenizer at hand: the derivation on it agrees with what the template tests read off the
+    SmolLM2 record (whose BOS, `<|im_start|>`, also opens every turn)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from builder.templates import derive_pre_query
+    from builder.testing.packaged import resolve_packaged
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_packaged("packaged:smollm2-135m-instruct"))
+    im_start, im_end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    kept = derive_pre_query(tokenizer, [im_end], model_name="smollm2", day="2024-07-26")
+    stripped = derive_pre_query(tokenizer, [im_end], model_name="smollm2", day="2024-07-26", keep_default_system=False)
+    record = ROOT / "builder" / "testing" / "chat_templates" / "families" / "smollm2-135m-instruct.json"
+    assert kept.text == json.loads(record.read_text())["expected_pre_query"]
+    assert kept.instruction_stop_ids == [im_end] and kept.response_stop_ids == [im_end]
+    assert stripped.text == "<|im_start|>user\n" and "SmolLM" in stripped.stripped_system
+    assert stripped.token_ids[0] == im_start and stripped.token_ids[1] != im_start  # one <|im_start|>, not two

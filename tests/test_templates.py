@@ -195,7 +195,63 @@ def test_alias_and_raw_override(tiny_model):
     raw = derive(tokenizer, eos, pre_query_template="<|start_header_id|>user<|end_header_id|>\n\n")
     assert raw.source == "override"
     assert raw.token_ids[0] == tokenizer.bos_token_id and raw.token_ids.count(tokenizer.bos_token_id) == 1
-    # Without a chat template an override still works; the stop ids fall back to EOS.
+    # Without a chat template an alias brings its own end of the user's turn; a raw string needs `instruction_stop`.
     tokenizer.chat_template = None
     bare = derive(tokenizer, eos, pre_query_template="llama3")
-    assert bare.instruction_stop_ids == eos
+    assert set(bare.instruction_stop_ids) == {tokenizer.convert_tokens_to_ids("<|eot_id|>"), *eos}
+    with pytest.raises(TemplateError, match="Cannot tell where the user's turn ends for tiny.*instruction_stop"):
+        derive(tokenizer, eos, pre_query_template="<|start_header_id|>user<|end_header_id|>\n\n")
+    raw = derive(tokenizer, eos, pre_query_template="Question: ", instruction_stop="\nAnswer:")
+    assert raw.instruction_stop_strings == ["\nAnswer:"] and raw.instruction_stop_ids == eos
+
+
+def test_a_dict_of_chat_templates_without_a_default_is_a_template_error(tiny_model):
+    tokenizer, eos = load_family(tiny_model, "llama-3")
+    tokenizer.chat_template = {"tool_use": tokenizer.chat_template, "rag": tokenizer.chat_template}
+    with pytest.raises(
+        TemplateError, match="org/m has several chat templates \\(rag, tool_use\\).*pre_query_template"
+    ):
+        derive_pre_query(tokenizer, eos, model_name="org/m", day="2024-07-26")
+
+
+def test_a_template_with_no_end_to_the_users_turn_is_refused_unless_told_where_it_ends(tiny_model):
+    tokenizer, eos = load_family(tiny_model, "llama-3")
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(TemplateError, match="Cannot tell where the user's turn ends for org/m.*instruction_stop"):
+        derive_pre_query(tokenizer, eos, model_name="org/m", day="2024-07-26")
+    told = derive_pre_query(tokenizer, eos, model_name="org/m", day="2024-07-26", instruction_stop="\n\n")
+    assert told.instruction_stop_strings == ["\n\n"] and told.instruction_stop_ids == list(dict.fromkeys(eos))
+    # A build that only answers a prompt dataset's prompts samples no instruction: nothing to refuse.
+    derive_pre_query(tokenizer, eos, model_name="org/m", day="2024-07-26", needs_instruction_stop=False)
+    # A control token given as the stop stops on its id.
+    token = derive_pre_query(tokenizer, eos, model_name="org/m", day="2024-07-26", instruction_stop="<|eot_id|>")
+    assert token.instruction_stop_ids[0] == tokenizer.convert_tokens_to_ids("<|eot_id|>")
+
+
+def test_a_stop_string_cuts_every_instruction_in_a_build_and_the_card_says_so():
+    """`instruction_stop` as text, through the transformers engine: the same samples as without it, each cut before
+    the first place its text holds the stop string."""
+    from collections import Counter
+
+    from builder.build import build
+    from builder.publish.card import render_card
+
+    from conftest import small_config
+
+    def instructions(result):
+        return {
+            uuid: text for split in result.dataset.values() for uuid, text in zip(split["uuid"], split["instruction"])
+        }
+
+    free = instructions(build(small_config(num_instructions=24)))
+    words = Counter(w for text in free.values() for w in set(text.split()) if len(w) >= 3)
+    stop = words.most_common(1)[0][0]
+    result = build(small_config(num_instructions=24, instruction_stop=stop))
+    cut = instructions(result)
+    assert all(stop not in text for text in cut.values())
+    shared = [u for u in cut if u in free and stop in free[u]]
+    assert shared, "the stop string cut no instruction that both builds kept"
+    for uuid in shared:
+        assert cut[uuid] == free[uuid][: free[uuid].index(stop)].strip()
+    card = str(render_card(result))
+    assert f"| End of an instruction | the text '{stop}' (a stop string" in card

@@ -6,7 +6,7 @@ second BOS).
 """
 
 from ..models import ModelSpec, load_generator, load_tokenizer
-from .protocol import Completion, SamplingParams
+from .protocol import Completion, SamplingParams, StopText
 
 
 ENGINES = ("transformers", "vllm")
@@ -55,6 +55,7 @@ def sample_completions(
         max_batch_size=max_batch_size,
         then=then,
         prompt_cap=prompt_cap,
+        stop_text=StopText(tokenizer, params.stop_strings) if params.stop_strings else None,
     )
     return completions, tokenizer
 

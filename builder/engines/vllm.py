@@ -79,7 +79,10 @@ def sample_vllm(
             max_tokens=params.max_new_tokens,
             stop_token_ids=list(params.stop_token_ids),
             seed=seeds[i * num_samples] & 0x7FFFFFFF,
-            detokenize=False,  # the builder decodes the token ids itself
+            # The builder decodes the token ids itself; stop strings need vLLM's text, and it cuts the text alone
+            # (the ids run to the token that completed the stop string, as the transformers engine's do).
+            stop=list(params.stop_strings) or None,
+            detokenize=bool(params.stop_strings),
         )
         for i in range(len(prompts))
     ]

@@ -220,6 +220,7 @@ def render_card(result, *, repo_id: str | None = None, metadata: dict | None = N
             reward_judge=config.reward_judge,
             pre_query_escaped=table_cell(json.dumps(pre_query.text, ensure_ascii=False)[1:-1]),
             pre_query_source=pre_query.source.replace("_", " "),
+            instruction_stop=table_text(pre_query.instruction_stop),
             system_prompt=table_cell(config.system_prompt) if config.system_prompt else None,
             implicit_prompt=config.implicit_prompt,
             num_responses=config.num_responses,

@@ -13,6 +13,7 @@ from functools import partial
 from datasets import Dataset
 
 from ..engines import SamplingParams, sample_completions
+from ..engines.protocol import completion_text
 from ..models import ModelSpec, public_model_name
 from ..pipeline.stage import MODEL, PROVENANCE, ROW, ROW_STATS, Column, Stage
 from ..stages import row_seed
@@ -80,11 +81,12 @@ def generate_instructions(
         "max_tokens": settings.sampling.max_new_tokens,
         "seed": settings.seed,
     }
-    instructions = [tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() for c in completions]
+    texts = [completion_text(tokenizer, c, settings.sampling.stop_strings) for c in completions]
+    instructions = [text for text, _ in texts]
     return {
         "instruction": instructions,
         "prompt": [[{"role": "user", "content": text}] for text in instructions],
-        "instruction_finish_reason": [c.finish_reason for c in completions],
+        "instruction_finish_reason": [reason for _, reason in texts],
         "instruction_tokens": [len(c.token_ids) for c in completions],
         "gen_input_configs": [config] * len(completions),
     }
@@ -124,6 +126,7 @@ def instructions(config, models) -> Stage:
                 config.instruction_top_p,
                 config.max_instruction_tokens,
                 tuple(pre_query.instruction_stop_ids),
+                tuple(pre_query.instruction_stop_strings),
             ),
             config.seed,
             models.generator_revision,

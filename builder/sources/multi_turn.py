@@ -10,6 +10,7 @@ the response stage then answer the last turn, and `prompt` is the whole conversa
 from dataclasses import dataclass
 
 from ..engines import SamplingParams, sample_completions
+from ..engines.protocol import completion_text
 from ..models import ModelSpec, load_tokenizer
 from ..pipeline.stage import DROP_REASON, KEEP, MODEL, ROW, ROW_STATS, Column, Stage
 from ..stages import row_seed
@@ -63,11 +64,11 @@ def extend_conversations(
             max_batch_size=max_batch_size,
         )
         for i, answer in zip(live, answers):
-            text = tokenizer.decode(answer.token_ids, skip_special_tokens=True).strip()
+            text, finish = completion_text(tokenizer, answer, settings.answer_sampling.stop_strings)
             conversations[i].append({"role": "assistant", "content": text})
             if not text:
                 reasons[i] = "turn_answer_empty"
-            elif answer.finish_reason != "stop":
+            elif finish != "stop":
                 reasons[i] = "turn_answer_truncated"
         live = [i for i in live if reasons[i] == KEEP]
         questions, tokenizer = sample_completions(
@@ -79,11 +80,11 @@ def extend_conversations(
             max_batch_size=max_batch_size,
         )
         for i, question in zip(live, questions):
-            text = tokenizer.decode(question.token_ids, skip_special_tokens=True).strip()
+            text, finish = completion_text(tokenizer, question, settings.instruction_sampling.stop_strings)
             conversations[i].append({"role": "user", "content": text})
             if not text:
                 reasons[i] = "later_turn_empty"
-            elif question.finish_reason != "stop":
+            elif finish != "stop":
                 reasons[i] = "later_turn_truncated"
     lengths = [len(chat_prompt_ids(tokenizer, c, settings.day, bos)) for c in conversations]
     for i, length in enumerate(lengths):
@@ -123,12 +124,14 @@ def later_turns(config, models) -> Stage:
                 config.instruction_top_p,
                 config.max_instruction_tokens,
                 tuple(pre_query.instruction_stop_ids),
+                tuple(pre_query.instruction_stop_strings),
             ),
             SamplingParams(
                 config.response_temperature,
                 config.response_top_p,
                 config.max_response_tokens,
                 tuple(pre_query.response_stop_ids),
+                tuple(pre_query.response_stop_strings),
             ),
             models.follow_up_system_prompt,
             config.max_prompt_tokens,

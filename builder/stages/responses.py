@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from ..engines import SamplingParams, sample_completions
+from ..engines.protocol import completion_text
 from ..models import ModelSpec, load_tokenizer, public_model_name
 from ..pipeline.stage import CANDIDATE_STATS, CANDIDATES, MODEL, PROVENANCE, Column, Stage
 from ..templates import bos_prefix
@@ -66,10 +67,12 @@ def generate_responses(
         "num_responses": n,
         "seed": settings.seed,
     }
+    texts = [completion_text(tokenizer, c, settings.sampling.stop_strings) for c in completions]
     groups = [completions[i : i + n] for i in range(0, len(completions), n)]
+    text_groups = [texts[i : i + n] for i in range(0, len(texts), n)]
     return {
-        "responses": [[tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() for c in g] for g in groups],
-        "response_finish_reasons": [[c.finish_reason for c in g] for g in groups],
+        "responses": [[text for text, _ in g] for g in text_groups],
+        "response_finish_reasons": [[reason for _, reason in g] for g in text_groups],
         "response_tokens": [[len(c.token_ids) for c in g] for g in groups],
         "gen_response_configs": [config] * len(groups),
     }
@@ -108,6 +111,7 @@ def responses(config, models) -> Stage:
                 config.response_top_p,
                 config.max_response_tokens,
                 tuple(models.pre_query.response_stop_ids),
+                tuple(models.pre_query.response_stop_strings),
             ),
             config.num_responses,
             config.seed,

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from ..engines import SamplingParams, sample_completions, score_continuations
+from ..engines.protocol import completion_text
 from ..models import ModelSpec, load_tokenizer
 from ..pipeline.stage import MODEL, ROW_STATS, Column, Stage
 from ..templates import bos_prefix, encode_chat_text, render_chat
@@ -221,14 +222,12 @@ def explain_instructions(
     completions, tokenizer = sample_completions(
         judge, rank, prompts, [0] * len(prompts), settings.sampling, max_batch_size=max_batch_size
     )
-    texts = [
-        f"{opening}{tokenizer.decode(c.token_ids, skip_special_tokens=True)}".strip()
-        for opening, c in zip(openings, completions)
-    ]
+    cut = [completion_text(tokenizer, c, settings.sampling.stop_strings, strip=False) for c in completions]
+    texts = [f"{opening}{text}".strip() for opening, (text, _) in zip(openings, cut)]
     count = len(EXPLANATIONS)
     out = {name: texts[i::count] for i, (name, _, _) in enumerate(EXPLANATIONS)}
     out["explanations_truncated"] = [
-        sum(c.finish_reason == "length" for c in completions[i : i + count]) for i in range(0, len(completions), count)
+        sum(reason == "length" for _, reason in cut[i : i + count]) for i in range(0, len(cut), count)
     ]
     return out
 
@@ -252,7 +251,9 @@ def explanations(config, models) -> Stage:
             Column("explanations_truncated", "How many of the row's three texts hit `max_explanation_tokens`."),
         ),
         settings=ExplanationSettings(
-            SamplingParams(0.0, 1.0, config.max_explanation_tokens, tuple(models.judge_stop_ids)),
+            SamplingParams(
+                0.0, 1.0, config.max_explanation_tokens, tuple(models.judge_stop_ids), tuple(models.judge_stop_strings)
+            ),
             config.chat_template_date,
             models.judge_revision,
         ),

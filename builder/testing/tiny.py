@@ -16,6 +16,7 @@ A model is named `tiny:<name>` in a config (a colon can never be part of a Hub i
 """
 
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -281,6 +282,40 @@ def build_tokenizer(family: ChatFamily, vocab_size: int):
         model_max_length=2048,
     )
     fast.chat_template = template["chat_template"]
+    return fast
+
+
+@functools.lru_cache(maxsize=4)
+def _base_tokenizer_json(vocab_size: int) -> str:
+    return train_base_tokenizer(vocab_size).to_str()
+
+
+def template_tokenizer(data: dict, vocab_size: int = 2048):
+    """A tokenizer for one real chat template of `chat_templates/` (its JSON record): the template, and the tokens
+    the real tokenizer reads as one control token (`special_tokens`: everything else is plain text, as it is for
+    the real model), its BOS, EOS and pad, and whether it puts BOS in front. No weights go with it: it is for
+    deriving pre-queries and stops, family by family."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer.from_str(_base_tokenizer_json(vocab_size))
+    named = [data.get("bos_token"), data.get("eos_token"), data.get("pad_token")]
+    listed = [*data.get("special_tokens", []), *data.get("generation_eos", []), *named]
+    tokenizer.add_special_tokens(list(dict.fromkeys(t for t in listed if t)))
+    bos = data.get("bos_token")
+    if bos and data.get("adds_bos", False):
+        bos_id = tokenizer.token_to_id(bos)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=bos,
+        eos_token=data.get("eos_token"),
+        pad_token=data.get("pad_token") or data.get("eos_token"),
+        model_max_length=4096,
+    )
+    fast.chat_template = data["chat_template"]
     return fast
 
 

@@ -136,6 +136,30 @@ def test_stop_and_length_finish_reasons(tiny_model):
     assert {c.finish_reason for c in capped} == {"stop", "length"}
 
 
+def test_a_stop_string_ends_the_sample_where_its_text_is_completed(tiny_model):
+    from builder.engines.protocol import StopText, completion_text
+
+    model, tokenizer = load(tiny_model)
+    prompt = tokenizer("<|start_header_id|>user<|end_header_id|>\n\n", add_special_tokens=True).input_ids
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    free = sample(model, [prompt], [7], SamplingParams(1.0, 1.0, 24, (eot,)), pad_token_id=tokenizer.pad_token_id)[0]
+    assert len(free.token_ids) >= 6
+    # A stop string made of the text of the sample's 4th and 5th tokens: the text before it is what is kept.
+    head = tokenizer.decode(free.token_ids[:3])
+    stop = tokenizer.decode(free.token_ids[:5])[len(head) :]
+    params = SamplingParams(1.0, 1.0, 24, (eot,), (stop,))
+    stopped = sample(
+        model, [prompt], [7], params, pad_token_id=tokenizer.pad_token_id, stop_text=StopText(tokenizer, [stop])
+    )[0]
+    full = tokenizer.decode(free.token_ids, skip_special_tokens=True)
+    assert stopped.token_ids == free.token_ids[: len(stopped.token_ids)] and len(stopped.token_ids) <= 5
+    assert stopped.finish_reason == "stop"
+    text, reason = completion_text(tokenizer, stopped, (stop,))
+    assert text == full[: full.index(stop)].strip() and reason == "stop"
+    # The engine need not notice for the text to be right: the same cut applies to a sample that ran on.
+    assert completion_text(tokenizer, free, (stop,)) == (text, "stop")
+
+
 def test_continuous_batching_gives_the_same_samples_at_every_batch_size(tiny_model, monkeypatch):
     # Batch size 1 decodes every sample alone; 4 keeps refilling freed rows (prompts of different lengths join a
     # running batch); 64 takes everything at once and retires finished rows.

@@ -25,6 +25,7 @@ class SamplingParams:
     top_p: float = 1.0
     max_tokens: int = 16
     stop_token_ids: list = field(default_factory=list)
+    stop: list | None = None
     seed: int | None = None
     prompt_logprobs: int | None = None
     detokenize: bool = True
@@ -140,6 +141,17 @@ def test_vllm_adapter_strips_the_stop_token_and_maps_finish_reasons(fake_vllm):
     for c in completions:
         assert 999 not in c.token_ids
         assert (c.finish_reason == "length") == (len(c.token_ids) == 8)
+
+
+def test_stop_strings_go_to_vllm_with_its_text_on(fake_vllm):
+    from builder.engines import SamplingParams as Params
+
+    llm = LLM("m")
+    vllm_engine.sample_vllm(llm, [[1, 2, 3]], [11], Params(1.0, 1.0, 8, (999,)))
+    vllm_engine.sample_vllm(llm, [[1, 2, 3]], [11], Params(1.0, 1.0, 8, (999,), ("### Response:",)))
+    plain, with_text = [call[1][0] for call in llm.calls]
+    assert plain.stop is None and plain.detokenize is False  # ids only: no text to check
+    assert with_text.stop == ["### Response:"] and with_text.detokenize is True
 
 
 def test_unknown_engine_is_refused():

@@ -602,8 +602,10 @@ class ContinuousBatch:
         rows: int,
         pad_token_id: int,
         prompt_cap: int | None = None,
+        stop_text=None,
     ):
         self.model, self.params, self.pad_token_id, self.rows = model, params, pad_token_id, rows
+        self.stop_text = stop_text  # `StopText` where the params have stop strings
         self.device = model.device
         # The tokens every prompt starts with run once, not once per refill (half of a short chat prompt).
         self.shared = shared_prefix(model, prompts)
@@ -718,7 +720,9 @@ class ContinuousBatch:
                 self.finish[completion] = "stop"
             else:
                 self.generated[completion].append(token)
-                if len(self.generated[completion]) < self.params.max_new_tokens:
+                if self.stop_text and self.stop_text(self.generated[completion]):
+                    self.finish[completion] = "stop"
+                elif len(self.generated[completion]) < self.params.max_new_tokens:
                     continue
             self.holder[row] = None
             self.unfinished[self.job_of[completion]] -= 1
@@ -817,6 +821,7 @@ def sample(
     max_batch_size: int = 64,
     then: tuple[list[list[int]], list[int]] | None = None,
     prompt_cap: int | None = None,
+    stop_text=None,
 ) -> list[Completion]:
     """Samples `num_samples` completions of every prompt, `len(prompts) * num_samples` in all, grouped by prompt,
     in a continuous batch (`ContinuousBatch`) of up to `max_batch_size` sequences.
@@ -836,6 +841,7 @@ def sample(
         then (`tuple`, *optional*): the next call's prompts and seeds.
         prompt_cap (`int`, *optional*): the longest prompt any call can bring (`max_prompt_tokens`): on a GPU the
             KV cache is sized for it, and checked against the free memory, from the first call on.
+        stop_text (`StopText`, *optional*): ends a sample whose text holds one of `params.stop_strings`.
     """
     global _carried
     then = then if then and then[1] else None
@@ -871,6 +877,7 @@ def sample(
             min(max_batch_size, len(seeds) + coming),
             pad_token_id,
             prompt_cap,
+            stop_text,
         )
         running.submit(prompts, seeds, num_samples)
     if then and len(running.jobs) == 1 and running.accepts(then[0]):
