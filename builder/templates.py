@@ -457,6 +457,11 @@ def default_system_block(tokenizer, text: str, model_name: str, day) -> tuple[st
             "set `keep_default_system: true` or a raw `pre_query_template`."
         )
     start = template_start(tokenizer, text[: len(text) - len(header)], header, ends)
+    # A header opens the way the first turn does: a separator printed between turns (`\n<SPECIAL_k>\n`) before the
+    # token that opens every turn is not part of it.
+    opener = _first_control(text[len(start) :], control_tokens(tokenizer))
+    if opener and opener[0] == 0 and opener[1] in header and not header.startswith(opener[1]):
+        header = header[header.index(opener[1]) :]
     block = text[len(start) : len(text) - len(header)]
     if not block:
         return "", start, header

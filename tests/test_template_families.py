@@ -176,8 +176,6 @@ def test_an_instruction_ends_where_the_users_turn_ends(name):
 def test_a_response_ends_where_the_assistants_turn_ends(name):
     """The generator, fed a real chat up to the generation prompt, writes the answer and then what the template
     prints after it: in a finished chat, or (where a finished chat prints nothing there, GLM-4) in one that goes on."""
-    if name == "gpt-oss-120b.json":
-        pytest.xfail("gpt-oss writes Harmony channels ('<|channel|>final<|message|>') before its answer")
     data, tokenizer, eos = family(name)
     pre_query = derive(tokenizer, eos)
     prompt = render_chat(tokenizer, [{"role": "user", "content": QUESTION}], add_generation_prompt=True, day=DAY)
@@ -193,7 +191,11 @@ def test_a_response_ends_where_the_assistants_turn_ends(name):
         )
         if results[-1][1] == "stop":
             break
-    assert results[-1] == (ANSWER, "stop")
+    text, reason = results[-1]
+    assert reason == "stop" and text.endswith(ANSWER)
+    # gpt-oss writes its Harmony channel ("<|channel|>final<|message|>") before the answer: the builder stops it
+    # at the right token but does not parse channels.
+    assert text == ANSWER or (name == "gpt-oss-120b.json" and text == "final" + ANSWER)
 
 
 def test_every_family_has_its_expectations():

@@ -255,3 +255,31 @@ def test_a_stop_string_cuts_every_instruction_in_a_build_and_the_card_says_so():
         assert cut[uuid] == free[uuid][: free[uuid].index(stop)].strip()
     card = str(render_card(result))
     assert f"| End of an instruction | the text '{stop}' (a stop string" in card
+
+
+def test_turns_joined_by_a_separator_token_give_the_header_without_it():
+    """A template that prints a control token between turns (here `\\n<SPECIAL_7>\\n`) and a default system turn:
+    stripping that turn leaves BOS and the user header, not the separator."""
+    from builder.testing.tiny import template_tokenizer
+
+    template = (
+        "{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n<SPECIAL_7>\n"
+        "{% endif %}{% for m in messages %}{% if not loop.first %}\n<SPECIAL_7>\n{% endif %}<|im_start|>{{ m['role'] }}"
+        "\n{{ m['content'] }}<|im_end|>{% endfor %}{% if add_generation_prompt %}\n<SPECIAL_7>\n<|im_start|>assistant\n"
+        "{% endif %}"
+    )
+    data = {
+        "chat_template": template,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "special_tokens": ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<SPECIAL_7>"],
+        "adds_bos": False,
+    }
+    tokenizer = template_tokenizer(data)
+    eos = [tokenizer.convert_tokens_to_ids("</s>")]
+    kept = derive_pre_query(tokenizer, eos, model_name="org/m", day="2024-07-26")
+    assert kept.text == "<s><|im_start|>system\nBe brief.<|im_end|>\n<SPECIAL_7>\n<|im_start|>user\n"
+    assert kept.instruction_stop_ids[0] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    bare = derive_pre_query(tokenizer, eos, model_name="org/m", day="2024-07-26", keep_default_system=False)
+    assert bare.text == "<s><|im_start|>user\n"
+    assert bare.stripped_system == "<|im_start|>system\nBe brief.<|im_end|>\n<SPECIAL_7>\n"
