@@ -2,6 +2,8 @@
 
     python benchmarks/bench_curation.py                      # both parts (~6 min here)
     python benchmarks/bench_curation.py --tagging 256        # tags vs responses only, K instructions
+    python benchmarks/bench_curation.py --tagging 64 --generator packaged:smollm2-135m-instruct --max-response-tokens 512
+                                                             # the same on a real chat model (and its tokenizer)
     python benchmarks/bench_curation.py --dedup 100000       # near-dedup only, N random 768-d embeddings
     python benchmarks/bench_curation.py --dedup 1000000 --index ivf   # the approximate index, for millions
 
@@ -32,7 +34,7 @@ from bench import peak_rss_mb  # noqa: E402
 CURATION_STAGES = ("tags", "safety", "language", "embed", "near_dedup", "select")
 
 
-def tagging(num_instructions: int, max_response_tokens: int) -> None:
+def tagging(num_instructions: int, max_response_tokens: int, generator: str) -> None:
     from builder.build import build
     from builder.config import BuildConfig
     from builder.stages import language
@@ -41,7 +43,7 @@ def tagging(num_instructions: int, max_response_tokens: int) -> None:
     language.detector().detect_language_of("Loads the models of every language.")
     lingua_load = time.perf_counter() - start
     config = BuildConfig(
-        generator_model="tiny:chat-llama-3.1@small",
+        generator_model=generator,
         reward_model="tiny:reward@small",
         num_instructions=num_instructions,
         max_instruction_tokens=64,
@@ -67,7 +69,7 @@ def tagging(num_instructions: int, max_response_tokens: int) -> None:
     rows = {record.name: record.rows_in for record in result.ledger.stages}
     responses = seconds["responses"]
     tokens = next(r.tokens for r in result.ledger.stages if r.name == "responses")
-    print(f"\n## Tagging vs responses: small model, K={num_instructions} instructions, one thread")
+    print(f"\n## Tagging vs responses: {generator}, K={num_instructions} instructions, one thread")
     print(f"responses: 5 each, at most {max_response_tokens} tokens ({tokens / rows['responses'] / 5:.0f} on average)")
     print(f"lingua's model load, once per process: {lingua_load:.1f} s (not in the language stage below)")
     print(f"{'stage':<12} {'rows':>6} {'seconds':>9} {'of responses':>13}")
@@ -113,11 +115,14 @@ def main():
     parser.add_argument("--dedup", type=int, nargs="?", const=100_000, default=None, metavar="N")
     parser.add_argument("--max-response-tokens", type=int, default=128, help="as bench.py's comparisons")
     parser.add_argument("--index", choices=("flat", "ivf"), default="flat")
+    parser.add_argument(
+        "--generator", default="tiny:chat-llama-3.1@small", help="generator and judge of the tagging part"
+    )
     parser.add_argument("--k", type=int, default=100, help="neighbours searched per row (the config's default)")
     args = parser.parse_args()
     both = args.tagging is None and args.dedup is None
     if both or args.tagging:
-        tagging(args.tagging or 256, args.max_response_tokens)
+        tagging(args.tagging or 256, args.max_response_tokens, args.generator)
     if both or args.dedup:
         dedup(args.dedup or 100_000, args.index, args.k)
 

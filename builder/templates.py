@@ -130,12 +130,14 @@ def control_tokens(tokenizer) -> dict[str, int]:
     """The tokenizer's special and added tokens (BOS, end-of-turn, role markers), text -> id: where a template
     prints one of these, the model reads one token, not the letters."""
     ids = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    return {tokenizer.convert_ids_to_tokens(i): i for i in sorted(ids) if i is not None}
+    tokens = {tokenizer.convert_ids_to_tokens(i): i for i in sorted(ids) if i is not None}
+    # Some tokenizers add runs of spaces or newlines as tokens; they mark nothing.
+    return {token: i for token, i in tokens.items() if token and token.strip()}
 
 
 def _first_control(text: str, controls: dict[str, int]) -> tuple[int, str] | None:
     """(position, token) of the first control token printed in `text`, the longest where several start there."""
-    found = [(text.find(token), -len(token), token) for token in controls if token and token in text]
+    found = [(text.find(token), -len(token), token) for token in controls if token in text]
     if not found:
         return None
     position, _, token = min(found)
