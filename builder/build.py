@@ -22,11 +22,10 @@ from .stages import filters, language, near_dedup, pairs, responses, rewards, sa
 from .templates import (
     LaterTurn,
     PreQuery,
-    assistant_turn_end,
     derive_next_user_header,
     derive_pre_query,
-    derive_stop_ids,
     render_chat,
+    response_stops,
 )
 
 
@@ -221,10 +220,8 @@ def check_models(config: BuildConfig, ranks: Ranks = Ranks()) -> BuildModels:
     judge_stop_ids, judge_stop_strings = (), ()
     if config.tag_explanations:
         judge, name = infos["judge"], curation["judge"].name_or_path
-        _, response_stop = derive_stop_ids(judge.tokenizer, list(judge.eos_ids), name, config.chat_template_date)
-        judge_stop_ids = tuple(response_stop)
-        end = assistant_turn_end(judge.tokenizer, name, config.chat_template_date)
-        judge_stop_strings = (end.text,) if end and end.text else ()
+        ids, strings = response_stops(judge.tokenizer, list(judge.eos_ids), name, config.chat_template_date)
+        judge_stop_ids, judge_stop_strings = tuple(ids), tuple(strings)
     return BuildModels(
         generator,
         reward,

@@ -184,14 +184,10 @@ def token_exact_ids(tokenizer, pre_text: str, render_with_message, bos: list[int
 @dataclass(frozen=True)
 class TurnEnd:
     """What ends a turn: a control token (its id) or, where the template closes the turn with plain text, that text
-    (a stop string); `what` says which, for the log and the card."""
+    (a stop string)."""
 
     token_id: int | None
     text: str | None
-
-    @property
-    def what(self) -> str:
-        return f"the text {self.text!r}" if self.text is not None else "the control token" if self.token_id else ""
 
 
 def turn_end(after: str, controls: dict[str, int]) -> TurnEnd | None:
@@ -221,51 +217,52 @@ def user_turn_end(tokenizer, model_name: str, day) -> TurnEnd | None:
     return turn_end(_after(text, SENTINEL), control_tokens(tokenizer))
 
 
-def assistant_turn_end(tokenizer, model_name: str, day) -> TurnEnd | None:
-    """Where the assistant's turn ends: what a finished chat prints after the assistant's text (gpt-oss ends a
-    final answer with `<|return|>`, not the `<|end|>` of a turn that another follows), or, where a finished chat
-    prints nothing there (GLM-4), what a chat that goes on to another user turn prints."""
+def finished_turn_end(tokenizer, model_name: str, day) -> TurnEnd | None:
+    """What a finished chat prints after the assistant's text (gpt-oss ends a final answer with `<|return|>`, not
+    the `<|end|>` of a turn that another follows)."""
     chat = [{"role": "user", "content": SENTINEL}, {"role": "assistant", "content": ASSISTANT}]
-    controls = control_tokens(tokenizer)
     finished = _render_or_explain(tokenizer, chat, model_name, day, "an assistant turn")
-    end = turn_end(_after(finished, ASSISTANT), controls)
-    if end is not None:
-        return end
+    return turn_end(_after(finished, ASSISTANT), control_tokens(tokenizer))
+
+
+def assistant_turn_end(tokenizer, model_name: str, day) -> TurnEnd | None:
+    """Where the assistant's turn ends: as a finished chat ends it, or, where a finished chat prints nothing there
+    (GLM-4), what a chat that goes on to another user turn prints."""
+    return finished_turn_end(tokenizer, model_name, day) or continued_turn_end(tokenizer, day)
+
+
+def continued_turn_end(tokenizer, day) -> TurnEnd | None:
+    """What a chat prints after the assistant's text when another user turn follows."""
+    chat = [
+        {"role": "user", "content": SENTINEL},
+        {"role": "assistant", "content": ASSISTANT},
+        {"role": "user", "content": SECOND_USER},
+    ]
     try:
-        text = render_chat(
-            tokenizer, [*chat, {"role": "user", "content": SECOND_USER}], add_generation_prompt=False, day=day
-        )
+        text = render_chat(tokenizer, chat, add_generation_prompt=False, day=day)
     except Exception:  # a template that takes one exchange only: the finished chat is all there is
         return None
-    return turn_end(_after(text, ASSISTANT, SECOND_USER), controls)
+    return turn_end(_after(text, ASSISTANT, SECOND_USER), control_tokens(tokenizer))
 
 
 def _unique(ids) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
-def derive_stop_ids(tokenizer, generation_eos_ids: list[int], model_name: str, day) -> tuple[list[int], list[int]]:
-    """(instruction_stop_ids, response_stop_ids): the turns' end-of-turn tokens plus the model's EOS ids (the stop
-    strings of text-closed turns are in `derive_pre_query`'s result)."""
-    user, assistant = user_turn_end(tokenizer, model_name, day), assistant_turn_end(tokenizer, model_name, day)
-    eos = list(generation_eos_ids)
-    return _unique([user and user.token_id, *eos]), _unique([assistant and assistant.token_id, *eos])
+def stops_of(end: TurnEnd | None, eos: list[int]) -> tuple[list[int], list[str]]:
+    """(stop ids, stop strings) of a turn: its end token plus the model's EOS ids, or its end text."""
+    return _unique([end and end.token_id, *eos]), [end.text] if end and end.text else []
+
+
+def response_stops(tokenizer, generation_eos_ids: list[int], model_name: str, day) -> tuple[list[int], list[str]]:
+    """(stop ids, stop strings) of the assistant's turn: where a model's answer ends (the judge's, too)."""
+    return stops_of(assistant_turn_end(tokenizer, model_name, day), list(generation_eos_ids))
 
 
 def instruction_stop_of(tokenizer, stop: str) -> TurnEnd:
     """The user's `instruction_stop`: a control token's text stops on its id, any other text as a stop string."""
     controls = control_tokens(tokenizer)
     return TurnEnd(controls[stop], None) if stop in controls else TurnEnd(None, stop)
-
-
-def turn_end_tokens(tokenizer, model_name: str, day) -> list[str]:
-    """The control tokens that end a turn: the user's (read off the generation prompt) and the assistant's (as a
-    finished chat ends it)."""
-    controls = control_tokens(tokenizer)
-    chat = [{"role": "user", "content": SENTINEL}, {"role": "assistant", "content": ASSISTANT}]
-    finished = _render_or_explain(tokenizer, chat, model_name, day, "an assistant turn")
-    ends = [user_turn_end(tokenizer, model_name, day), turn_end(_after(finished, ASSISTANT), controls)]
-    return [tokenizer.convert_ids_to_tokens(e.token_id) for e in ends if e and e.token_id is not None]
 
 
 def _user_header(tokenizer, model_name: str, day, ends: list[str]) -> str:
@@ -290,7 +287,7 @@ def _user_header(tokenizer, model_name: str, day, ends: list[str]) -> str:
     first = _render_or_explain(tokenizer, chat[:1], model_name, day, "a lone user message")
     first = first[: first.index(SENTINEL)]
     # Cut points inside a control token of the first turn's text ("<s>" cut to "s>") are no header's start.
-    inside = {at + i for token in controls if token for at in _occurrences(first, token) for i in range(1, len(token))}
+    inside = {at + i for token in controls for at in _occurrences(first, token) for i in range(1, len(token))}
     while header and (not first.endswith(header) or len(first) - len(header) in inside):
         header = header[1:]
     return header.lstrip()
@@ -371,7 +368,12 @@ def derive_pre_query(
     bos = bos_prefix(tokenizer)
     eos = list(generation_eos_ids)
     user_end = user_turn_end(tokenizer, model_name, day) if has_template else None
-    assistant_end = assistant_turn_end(tokenizer, model_name, day) if has_template else None
+    finished_end = finished_turn_end(tokenizer, model_name, day) if has_template else None
+    assistant_end = (finished_end or continued_turn_end(tokenizer, day)) if has_template else None
+    # The tokens that end a turn in the template itself, before any override: what a later user header follows.
+    template_ends = [
+        tokenizer.convert_ids_to_tokens(e.token_id) for e in (user_end, finished_end) if e and e.token_id is not None
+    ]
     if not has_template and pre_query_template in ALIAS_STOPS:
         user_end = instruction_stop_of(tokenizer, ALIAS_STOPS[pre_query_template])
     if instruction_stop:
@@ -383,11 +385,13 @@ def derive_pre_query(
             "EOS and take the model's answer with it. Set `instruction_stop` to the text or token that ends a user "
             "turn for this model, or a raw `pre_query_template` together with it."
         )
+    instruction_ids, instruction_strings = stops_of(user_end, eos)
+    response_ids, response_strings = stops_of(assistant_end, eos)
     stops = {
-        "instruction_stop_ids": _unique([user_end and user_end.token_id, *eos]),
-        "response_stop_ids": _unique([assistant_end and assistant_end.token_id, *eos]),
-        "instruction_stop_strings": [user_end.text] if user_end and user_end.text else [],
-        "response_stop_strings": [assistant_end.text] if assistant_end and assistant_end.text else [],
+        "instruction_stop_ids": instruction_ids,
+        "response_stop_ids": response_ids,
+        "instruction_stop_strings": instruction_strings,
+        "response_stop_strings": response_strings,
         "instruction_stop": _describe_stop(tokenizer, user_end, eos),
     }
     if not stops["instruction_stop_ids"] and not stops["instruction_stop_strings"]:
@@ -423,7 +427,7 @@ def derive_pre_query(
 
     stripped = None
     if not keep_default_system and not system_prompt:
-        block, start, header = default_system_block(tokenizer, text, model_name, day)
+        block, start, header = default_system_block(tokenizer, text, model_name, day, template_ends)
         if block:
             stripped, text = block, start + header
             render_with = lambda message: text + message  # noqa: E731 - the real chat has no system block now
@@ -444,14 +448,14 @@ def _describe_stop(tokenizer, end: TurnEnd | None, eos: list[int]) -> str:
     return f"the token {token!r}" + (" (EOS)" if end.token_id in eos else "")
 
 
-def default_system_block(tokenizer, text: str, model_name: str, day) -> tuple[str, str, str]:
+def default_system_block(tokenizer, text: str, model_name: str, day, ends: list[str]) -> tuple[str, str, str]:
     """(block, start, header): the system block a template inserts by itself into the pre-query `text` ("" when it
-    inserts none), what precedes it (BOS, GLM's "[gMASK]<sop>"), and the user header that follows it.
+    inserts none), what precedes it (BOS, GLM's "[gMASK]<sop>"), and the user header that follows it. `ends` are
+    the template's turn-end tokens (the user's and the finished assistant's).
 
     A block is only what a system message of one's own replaces or joins: with one, the same template must print
     that message between the same start and header, or the block is something else and is refused.
     """
-    ends = turn_end_tokens(tokenizer, model_name, day)
     header = _user_header(tokenizer, model_name, day, ends)
     if not header or not text.endswith(header):
         raise TemplateError(

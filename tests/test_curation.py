@@ -99,10 +99,10 @@ def test_the_tag_is_the_most_likely_label_and_its_confidence_its_normalised_prob
 
 def test_the_judge_writes_magpies_short_texts_greedily_each_begun_as_magpies_were():
     from builder.engines import SamplingParams
-    from builder.templates import derive_stop_ids
+    from builder.templates import response_stops
 
     tokenizer = load_tokenizer(JUDGE)
-    _, stop = derive_stop_ids(tokenizer, [tokenizer.eos_token_id], "judge", "2024-07-26")
+    stop, _ = response_stops(tokenizer, [tokenizer.eos_token_id], "judge", "2024-07-26")
     settings = tags.ExplanationSettings(SamplingParams(0.0, 1.0, 24, tuple(stop)), "2024-07-26", "local")
     batch = {"instruction": ["Write a poem about the sea.", "What is 2+2?"]}
     out = tags.explain_instructions(batch, None, judge=JUDGE, settings=settings)
